@@ -1,0 +1,111 @@
+"""Checkpoints: atomic saves, safe loads, and models rebuilt from their own checkpoint.
+
+A checkpoint holds only tensors and plain Python types, so it loads with
+`torch.load(weights_only=True)`: a file carrying arbitrary pickled objects is refused before any
+of its code can run. The resolved config is stored as a plain dict, which is what lets
+`load_model` rebuild the network without the caller knowing which one it is.
+"""
+
+from __future__ import annotations
+
+import os
+import pickle
+import zipfile
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobilebench.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(UserError):
+    """A checkpoint that is missing, unsafe, corrupt or does not fit."""
+
+
+def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
+    """Write via a temporary file, fsync, then rename: a crash mid-save leaves the old file intact."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        with open(tmp, "wb") as f:
+            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _fsync_dir(path.parent)
+    except OSError as err:
+        tmp.unlink(missing_ok=True)
+        raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; free disk space or pick a writable hydra.run.dir") from None
+
+
+def _fsync_dir(folder: Path) -> None:
+    # The rename itself must reach the disk too, or a power cut can undo it.
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
+    """Load and check a mobilebench checkpoint; every failure is one CheckpointError line."""
+    path = Path(path)
+    if not path.is_file():
+        raise CheckpointError(f"checkpoint {path} does not exist; pass checkpoint=PATH to a .pt file from a run's checkpoints/ dir")
+    try:
+        blob = torch.load(path, map_location=map_location, weights_only=True)
+    except pickle.UnpicklingError as err:
+        if "weights_only" in str(err) or "Unsupported global" in str(err):
+            raise CheckpointError(
+                f"checkpoint {path} contains pickled Python objects that could run code; refused "
+                "(mobilebench checkpoints hold only tensors and plain types)"
+            ) from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({err}); use another checkpoint") from None
+    except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
+        first = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first}); use another checkpoint, e.g. last.pt instead of best.pt") from None
+    if not isinstance(blob, dict) or "model_args" not in blob or "model" not in blob:
+        raise CheckpointError(f"{path} is not a mobilebench checkpoint (no model_args / model weights)")
+    version = blob.get("format_version", 0)
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"checkpoint {path} has format version {version}, newer than this mobilebench reads ({FORMAT_VERSION}); upgrade mobilebench"
+        )
+    return blob
+
+
+def inference_state_dict(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
+    """The weights to deploy: the EMA copy when the run kept one, else the trained weights."""
+    ema = blob.get("ema")
+    if ema:
+        return {k.removeprefix("module."): v for k, v in ema.items() if k != "n_averaged"}
+    return blob["model"]
+
+
+def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: str | Path) -> None:
+    try:
+        model.load_state_dict(state_dict)
+    except RuntimeError as err:
+        detail = " ".join(str(err).split())[:200]
+        raise CheckpointError(f"checkpoint {path} does not fit the model it names ({detail})") from None
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model from the config stored in the checkpoint and load its weights (EMA when present)."""
+    from mobilebench.models import build_model
+
+    blob = load_checkpoint(path, map_location)
+    try:
+        model = build_model(**blob["model_args"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} names a model this version cannot build ({err})") from None
+    load_weights(model, inference_state_dict(blob), path)
+    return model.to(map_location).eval()

@@ -1,0 +1,266 @@
+"""The training engine: `fit`, `train_one_epoch` and `evaluate`.
+
+It knows modules, tensors and batches, never model names or Hydra. Everything an epoch needs is
+passed in a `Parts`; everything a resume needs is in `TrainState` plus the parts' state dicts.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import signal
+import sys
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import nn
+
+from mobilebench.errors import UserError
+
+
+class NonFiniteLoss(UserError):
+    """The loss became NaN or Inf (and the policy says stop, or the skip limit was reached)."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; the state is saved and the run exits non-zero."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+@dataclass
+class Parts:
+    model: nn.Module  # what runs forward: maybe compiled or DDP-wrapped
+    optimizer: torch.optim.Optimizer
+    scheduler: torch.optim.lr_scheduler.LRScheduler
+    scaler: torch.amp.GradScaler
+    loss_fn: nn.Module
+    device: torch.device
+    amp_dtype: torch.dtype | None  # None: fp32
+    ema: torch.optim.swa_utils.AveragedModel | None = None
+    grad_clip: float = 0.0
+    nan_policy: str = "stop"
+    nan_skip_limit: int = 10
+    max_steps_per_epoch: int | None = None
+
+
+@dataclass
+class TrainState:
+    epoch: int = 0  # completed epochs
+    step: int = 0  # optimizer steps so far
+    best_val_acc: float = -1.0
+    skipped_batches: int = 0
+    # Mid-epoch position, set when an interrupted epoch was saved part-way through.
+    step_in_epoch: int = 0
+    epoch_sums: dict[str, float] = field(default_factory=dict)
+    epoch_gen_state: torch.Tensor | None = None
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    images: int
+    seconds: float
+    data_s: float
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+
+@dataclass
+class EvalResult:
+    loss: float
+    acc: float
+    top5: float
+    confusion: torch.Tensor  # [num_classes, num_classes] counts, rows = true class
+    images: int
+
+    @property
+    def per_class_acc(self) -> list[float]:
+        totals = self.confusion.sum(1).clamp_min(1)
+        return (self.confusion.diag() / totals).tolist()
+
+
+def autocast(device: torch.device, dtype: torch.dtype | None) -> contextlib.AbstractContextManager:
+    if dtype is None:
+        return contextlib.nullcontext()
+    return torch.autocast(device.type, dtype=dtype)
+
+
+class StopFlag:
+    """First SIGINT/SIGTERM asks the loop to stop at the next step; a second SIGINT exits at once."""
+
+    def __init__(self) -> None:
+        self.signum: int | None = None
+        self._previous: dict[int, Any] = {}
+
+    def __enter__(self) -> StopFlag:
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            try:
+                self._previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread (e.g. a launcher's worker): no handlers
+                pass
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
+
+    def _handle(self, signum: int, frame: object) -> None:
+        if self.signum is not None and signum == signal.SIGINT:
+            sys.stderr.write("\nmobilebench: second interrupt, exiting without saving\n")
+            raise SystemExit(130)
+        self.signum = signum
+
+    def check(self) -> None:
+        if self.signum is not None:
+            raise Interrupted(self.signum)
+
+
+def _unwrap(model: nn.Module) -> nn.Module:
+    model = getattr(model, "_orig_mod", model)  # torch.compile
+    return getattr(model, "module", model)  # DistributedDataParallel
+
+
+def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], state: TrainState,
+                    stop: StopFlag, progress: Callable[[dict[str, float]], None]) -> EpochStats:
+    """One pass over `batches`, resuming at `state.step_in_epoch` when the epoch was interrupted."""
+    model, opt = parts.model, parts.optimizer
+    model.train()
+    sums = {"loss": 0.0, "correct": 0.0, "images": 0.0, "seconds": 0.0, "data_s": 0.0, **state.epoch_sums}
+    skip = state.step_in_epoch
+    it: Iterator = iter(batches)
+    t_epoch = time.perf_counter()
+    for i in range(len(batches)):  # type: ignore[arg-type]
+        if parts.max_steps_per_epoch is not None and i >= parts.max_steps_per_epoch:
+            break
+        t0 = time.perf_counter()
+        x, y = next(it)
+        t_data = time.perf_counter() - t0
+        if i < skip:
+            continue  # replayed only so the data order and augmentation draws line up
+        with autocast(parts.device, parts.amp_dtype):
+            logits = model(x)
+            loss = parts.loss_fn(logits, y)
+        loss_value = loss.item()
+        if not math.isfinite(loss_value):
+            state.skipped_batches += 1
+            lr = opt.param_groups[0]["lr"]
+            where = f"step {state.step}, epoch {state.epoch + 1}, lr {lr:.4g}"
+            if parts.nan_policy == "stop":
+                raise NonFiniteLoss(f"loss became {loss_value} at {where}; lower optimizer.lr, set trainer.grad_clip, or trainer.nan_policy=skip")
+            if state.skipped_batches > parts.nan_skip_limit:
+                raise NonFiniteLoss(f"loss was non-finite on {state.skipped_batches} batches (last at {where}), over trainer.nan_skip_limit={parts.nan_skip_limit}")
+            opt.zero_grad(set_to_none=True)
+            continue
+        parts.scaler.scale(loss).backward()
+        if parts.grad_clip > 0:
+            parts.scaler.unscale_(opt)
+            nn.utils.clip_grad_norm_(model.parameters(), parts.grad_clip)
+        parts.scaler.step(opt)
+        parts.scaler.update()
+        opt.zero_grad(set_to_none=True)
+        parts.scheduler.step()
+        if parts.ema is not None:
+            parts.ema.update_parameters(_unwrap(model))
+        state.step += 1
+        n = y.shape[0]
+        sums["loss"] += loss_value * n
+        sums["correct"] += (logits.argmax(1) == y).sum().item()
+        sums["images"] += n
+        sums["data_s"] += t_data
+        state.step_in_epoch = i + 1
+        state.epoch_sums = sums
+        progress({"loss": sums["loss"] / sums["images"], "acc": sums["correct"] / sums["images"],
+                  "lr": opt.param_groups[0]["lr"], "images": sums["images"],
+                  "seconds": sums["seconds"] + time.perf_counter() - t_epoch})
+        if i + 1 < len(batches):  # type: ignore[arg-type]
+            stop.check()
+    seconds = sums["seconds"] + time.perf_counter() - t_epoch
+    images = max(sums["images"], 1)
+    state.step_in_epoch, state.epoch_sums = 0, {}
+    return EpochStats(sums["loss"] / images, sums["correct"] / images, int(sums["images"]), seconds, sums["data_s"])
+
+
+@torch.no_grad()
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+             device: torch.device, amp_dtype: torch.dtype | None = None) -> EvalResult:
+    """Loss, top-1, top-5 and the confusion matrix over all batches (plain cross-entropy)."""
+    was_training = model.training
+    model.eval()
+    loss_sum, top5_hits, images = 0.0, 0, 0
+    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    for x, y in batches:
+        with autocast(device, amp_dtype):
+            logits = model(x)
+        logits = logits.float()
+        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        k = min(5, num_classes)
+        top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(1).sum().item()
+        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2).view(num_classes, num_classes)
+        images += y.shape[0]
+    model.train(was_training)
+    n = max(images, 1)
+    confusion = confusion.cpu()
+    return EvalResult(loss_sum / n, confusion.diag().sum().item() / n, top5_hits / n, confusion, images)
+
+
+@dataclass
+class FitHooks:
+    """What `fit` calls out to: the run's I/O, kept out of the engine."""
+
+    epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # train batches for the next epoch
+    validate: Callable[[nn.Module], EvalResult | None]  # None when there is no validation split
+    save: Callable[[TrainState, bool], None]  # (state, is_best)
+    log_epoch: Callable[[dict[str, Any]], None]
+    progress: Callable[[int], Callable[[dict[str, float]], None]]  # per-epoch step callback factory
+    capture_gen: Callable[[], torch.Tensor]  # data generator state before an epoch's batches are drawn
+    restore_gen: Callable[[torch.Tensor], None]
+
+
+def fit(parts: Parts, state: TrainState, epochs: int, hooks: FitHooks) -> TrainState:
+    """Train until `epochs` are complete, validating and checkpointing after each one.
+
+    A SIGINT/SIGTERM saves the mid-epoch state (data generator at the epoch's start plus the
+    step reached) and raises `Interrupted`; resuming replays that epoch's batch draws and
+    continues, so the run ends with the same weights as one never interrupted.
+    """
+    with StopFlag() as stop:
+        while state.epoch < epochs:
+            if state.epoch_gen_state is not None:
+                hooks.restore_gen(state.epoch_gen_state)
+            state.epoch_gen_state = hooks.capture_gen()
+            try:
+                stats = train_one_epoch(parts, hooks.epoch_batches(), state, stop, hooks.progress(state.epoch + 1))
+            except Interrupted:
+                hooks.save(state, False)
+                hooks.log_epoch({"epoch": state.epoch + 1, "interrupted": True, "step": state.step,
+                                 "step_in_epoch": state.step_in_epoch, "signal": stop.signum})
+                raise
+            t0 = time.perf_counter()
+            eval_model = parts.ema if parts.ema is not None else parts.model
+            val = hooks.validate(eval_model)
+            eval_s = time.perf_counter() - t0
+            state.epoch += 1
+            state.epoch_gen_state = None
+            is_best = val is not None and val.acc > state.best_val_acc
+            if is_best:
+                state.best_val_acc = val.acc
+            hooks.log_epoch({
+                "epoch": state.epoch, "lr": parts.optimizer.param_groups[0]["lr"],
+                "train_loss": stats.loss, "train_acc": stats.acc,
+                "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
+                "val_top5": val.top5 if val else None,
+                "epoch_s": stats.seconds + eval_s, "train_images_per_s": stats.images_per_s,
+                "data_s": stats.data_s, "compute_s": stats.seconds - stats.data_s, "eval_s": eval_s,
+            })
+            hooks.save(state, is_best or val is None)
+            stop.check()
+    return state

@@ -1,0 +1,101 @@
+"""`mobilebench eval`: top-1, top-5, per-class accuracy and the confusion matrix of a checkpoint."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+from omegaconf import OmegaConf
+
+from mobilebench.checkpoint import CheckpointError, inference_state_dict, load_checkpoint, load_weights
+from mobilebench.config import Config, DataConfig
+from mobilebench.data import load_data
+from mobilebench.engine import EvalResult, evaluate
+from mobilebench.errors import UserError
+from mobilebench.loader import eval_batches
+from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_threads
+
+
+def checkpoint_data_config(blob: dict[str, Any]) -> DataConfig:
+    """The data config the checkpoint was trained with (for eval without data overrides)."""
+    stored = blob.get("config", {}).get("data", {})
+    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), stored))
+
+
+def load_eval_model(path: str | Path, device: torch.device, channels_last: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
+    from mobilebench.models import build_model
+
+    blob = load_checkpoint(path, device)
+    try:
+        model = build_model(**blob["model_args"])
+    except (TypeError, ValueError) as err:
+        raise CheckpointError(f"checkpoint {path} names a model this version cannot build ({err})") from None
+    load_weights(model, inference_state_dict(blob), path)
+    model = model.to(device).eval()
+    if channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    return model, blob
+
+
+def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> float:
+    if not cfg.checkpoint:
+        raise UserError("eval needs a checkpoint: mobilebench eval checkpoint=outputs/.../checkpoints/best.pt")
+    set_threads(cfg.trainer.threads)
+    device = resolve_device(cfg.trainer.device)
+    amp_dtype = PRECISION_DTYPES[resolve_precision(cfg.trainer.precision, device)]
+    model, blob = load_eval_model(cfg.checkpoint, device, cfg.trainer.channels_last)
+    data_cfg = checkpoint_data_config(blob) if use_checkpoint_data else cfg.data
+    data = load_data(data_cfg)
+    num_classes = blob["model_args"]["num_classes"]
+    if data.num_classes != num_classes:
+        raise UserError(f"checkpoint {cfg.checkpoint} predicts {num_classes} classes but data {data_cfg.name} has {data.num_classes}; "
+                        "pass the data the model was trained on")
+    stats = blob.get("data", {})
+    mean, std = stats.get("mean", data.mean), stats.get("std", data.std)  # the model's training normalisation
+    resize = blob.get("config", {}).get("augment", {}).get("resize")
+    result = evaluate(model, eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize),
+                      num_classes, device, amp_dtype)
+    report = eval_report(cfg.checkpoint, blob, data_cfg, data.classes, result)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    print_eval(report, result)
+    return result.acc
+
+
+def eval_report(checkpoint: str, blob: dict[str, Any], data_cfg: DataConfig, classes: list[str], result: EvalResult) -> dict[str, Any]:
+    return {
+        "checkpoint": str(checkpoint), "model": blob["model_args"]["name"], "model_args": blob["model_args"],
+        "data": data_cfg.name, "data_root": data_cfg.root, "split": "test", "images": result.images,
+        "test_acc": result.acc, "test_top5": result.top5, "test_loss": result.loss,
+        "per_class_acc": dict(zip(classes, result.per_class_acc)), "classes": classes,
+        "confusion": result.confusion.tolist(),
+    }
+
+
+def print_eval(report: dict[str, Any], result: EvalResult) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    console = Console()
+    console.print(f"[bold]{report['model']}[/bold] on {report['data']} test ({report['images']} images): "
+                  f"top-1 {report['test_acc']:.4f}  top-5 {report['test_top5']:.4f}  loss {report['test_loss']:.4f}")
+    classes = report["classes"]
+    per_class = Table(title="per-class accuracy")
+    per_class.add_column("class")
+    per_class.add_column("accuracy", justify="right")
+    per_class.add_column("images", justify="right")
+    for name, acc, count in zip(classes, result.per_class_acc, result.confusion.sum(1).tolist()):
+        per_class.add_row(name, f"{acc:.4f}", str(count))
+    console.print(per_class)
+    if len(classes) > 20:
+        console.print(f"confusion matrix ({len(classes)} classes) is in eval.json")
+        return
+    confusion = Table(title="confusion matrix (rows: true class, columns: predicted)")
+    confusion.add_column("")
+    for name in classes:
+        confusion.add_column(name[:6], justify="right")
+    for name, row in zip(classes, result.confusion.tolist()):
+        confusion.add_row(name, *[str(v) for v in row])
+    console.print(confusion)

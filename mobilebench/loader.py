@@ -1,0 +1,183 @@
+"""Batches from in-memory uint8 tensors, augmented per batch with tensor ops.
+
+The standard pipeline decodes, crops and flips each 32x32 image in PIL inside DataLoader
+workers; here the whole set is one tensor (on the training device when it fits) and each batch
+is cropped, flipped and cut out with a handful of batched ops (the airbench approach). Policies
+that only exist per image (TrivialAugment, AutoAugment, RandomErasing, Resize(224)) use the
+torchvision DataLoader path instead, chosen by `needs_dataloader`.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from mobilebench.config import AugmentConfig
+from mobilebench.data import Split
+
+Batch = tuple[torch.Tensor, torch.Tensor]  # float [B, 3, H, W] normalized, int64 [B]
+
+
+def needs_dataloader(aug: AugmentConfig) -> bool:
+    return aug.policy != "none" or aug.random_erasing > 0 or aug.resize is not None
+
+
+def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """uint8 [B, 3, H, W] -> normalized float32, optionally in channels_last memory format."""
+    x = x.float().div_(255).sub_(mean).div_(std)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+
+
+def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero-padded random crop back to the input size, one offset per image."""
+    b, c, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
+    dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
+    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B, 1, H, 1]
+    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B, 1, 1, W]
+    padded = padded.gather(2, rows.expand(b, c, h, w + 2 * padding))
+    return padded.gather(3, cols.expand(b, c, h, w))
+
+
+def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+    flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
+    return torch.where(flip[:, None, None, None], x.flip(3), x)
+
+
+def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
+    """Zero one size x size square per image (centre anywhere, clipped at the border)."""
+    b, _, h, w = x.shape
+    cy = torch.randint(0, h, (b,), generator=gen).to(x.device)
+    cx = torch.randint(0, w, (b,), generator=gen).to(x.device)
+    ys = torch.arange(h, device=x.device)[None, :] - cy[:, None] + size // 2  # [B, H]
+    xs = torch.arange(w, device=x.device)[None, :] - cx[:, None] + size // 2  # [B, W]
+    inside = ((ys >= 0) & (ys < size))[:, :, None] & ((xs >= 0) & (xs < size))[:, None, :]
+    return x.masked_fill(inside[:, None], 0)
+
+
+def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
+    if aug.crop_padding > 0:
+        x = random_crop(x, aug.crop_padding, gen)
+    if aug.flip:
+        x = random_flip(x, gen)
+    if aug.cutout > 0:
+        x = cutout(x, aug.cutout, gen)
+    return x
+
+
+class TensorLoader:
+    """Shuffled, augmented training batches from a uint8 split already on `device`.
+
+    Draws all randomness from `gen` (a CPU generator) so its state, saved in checkpoints, fixes
+    the data order and augmentation of every later epoch. Drops the last partial batch so
+    BatchNorm never sees a batch of one.
+    """
+
+    def __init__(self, split: Split, batch_size: int, aug: AugmentConfig, mean: list[float], std: list[float],
+                 device: torch.device, gen: torch.Generator, channels_last: bool = True,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.x, self.y = split.x.to(device), split.y.to(device)
+        self.batch_size, self.aug, self.gen, self.channels_last = batch_size, aug, gen, channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
+        self.rank, self.world = shard
+        per_rank = len(self.y) // self.world
+        self.drop_last = per_rank > batch_size
+        self.per_rank = per_rank
+
+    def __len__(self) -> int:
+        return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
+
+    def __iter__(self) -> Iterator[Batch]:
+        # Every rank draws the same permutation and takes its own strided shard.
+        order = torch.randperm(len(self.y), generator=self.gen)[self.rank :: self.world][: self.per_rank]
+        order = order.to(self.x.device)
+        for i in range(len(self)):
+            idx = order[i * self.batch_size : (i + 1) * self.batch_size]
+            x = augment_batch(self.x[idx], self.aug, self.gen)
+            yield normalize(x, self.mean, self.std, self.channels_last), self.y[idx]
+
+
+def eval_batches(split: Split, batch_size: int, mean: list[float], std: list[float], device: torch.device,
+                 channels_last: bool = True, resize: int | None = None) -> Iterator[Batch]:
+    """Unaugmented batches in order (resized on the device when the pipeline asks for it)."""
+    mean_t = torch.tensor(mean, device=device).view(1, 3, 1, 1)
+    std_t = torch.tensor(std, device=device).view(1, 3, 1, 1)
+    for i in range(0, len(split), batch_size):
+        x = split.x[i : i + batch_size].to(device, non_blocking=True)
+        x = normalize(x, mean_t, std_t, channels_last=False)
+        if resize is not None and x.shape[-1] != resize:
+            x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
+        if channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        yield x, split.y[i : i + batch_size].to(device, non_blocking=True)
+
+
+class _PerImageDataset(torch.utils.data.Dataset):
+    def __init__(self, split: Split, transform) -> None:  # noqa: ANN001 - a torchvision transform
+        self.split, self.transform = split, transform
+
+    def __len__(self) -> int:
+        return len(self.split)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.split.x[i]), int(self.split.y[i])
+
+
+def per_image_transform(aug: AugmentConfig, mean: list[float], std: list[float], image_size: int):  # noqa: ANN201
+    """torchvision v2 pipeline on uint8 tensors for policies that exist only per image."""
+    from torchvision.transforms import v2
+
+    steps: list = []
+    if aug.resize is not None:
+        steps.append(v2.Resize(aug.resize, antialias=True))
+    if aug.crop_padding > 0:
+        steps.append(v2.RandomCrop(aug.resize or image_size, padding=aug.crop_padding))
+    if aug.flip:
+        steps.append(v2.RandomHorizontalFlip())
+    if aug.policy == "trivialaugment":
+        steps.append(v2.TrivialAugmentWide())
+    elif aug.policy == "autoaugment":
+        steps.append(v2.AutoAugment(v2.AutoAugmentPolicy.CIFAR10))
+    steps += [v2.ToDtype(torch.float32, scale=True), v2.Normalize(mean, std)]
+    if aug.random_erasing > 0:
+        steps.append(v2.RandomErasing(p=aug.random_erasing, value=0))
+    return v2.Compose(steps)
+
+
+class DataLoaderPath:
+    """Training batches through torchvision's DataLoader, for per-image policies."""
+
+    def __init__(self, split: Split, batch_size: int, aug: AugmentConfig, mean: list[float], std: list[float],
+                 device: torch.device, gen: torch.Generator, num_workers: int, channels_last: bool = True,
+                 shard: tuple[int, int] = (0, 1)) -> None:
+        self.device, self.channels_last = device, channels_last
+        dataset = _PerImageDataset(split, per_image_transform(aug, mean, std, split.x.shape[-1]))
+        sampler = None
+        if shard[1] > 1:
+            sampler = torch.utils.data.DistributedSampler(dataset, num_replicas=shard[1], rank=shard[0], shuffle=True,
+                                                          seed=int(torch.randint(0, 2**31, (1,), generator=gen)))
+        self.sampler = sampler
+        self.loader = torch.utils.data.DataLoader(
+            dataset, batch_size=batch_size, shuffle=sampler is None, sampler=sampler, generator=gen if sampler is None else None,
+            num_workers=num_workers, drop_last=len(split) // shard[1] > batch_size,
+            pin_memory=device.type == "cuda", persistent_workers=num_workers > 0,
+        )
+        self.epoch = 0
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def __iter__(self) -> Iterator[Batch]:
+        if self.sampler is not None:
+            self.sampler.set_epoch(self.epoch)
+        self.epoch += 1
+        for x, y in self.loader:
+            x = x.to(self.device, non_blocking=True)
+            if self.channels_last:
+                x = x.contiguous(memory_format=torch.channels_last)
+            yield x, y.to(self.device, non_blocking=True)
