@@ -74,8 +74,12 @@ def load_data(cfg: DataConfig) -> DataSplits:
 
 
 def channel_stats(x: torch.Tensor, max_images: int = 10000) -> tuple[list[float], list[float]]:
-    """Per-channel mean and std in [0, 1] units, on up to `max_images` images."""
-    sample = x[:max_images].float().div_(255)
+    """Per-channel mean and std in [0, 1] units, on up to `max_images` images spread over the set.
+
+    Strided rather than the first N: image folders list images class by class.
+    """
+    step = max(1, len(x) // max_images)
+    sample = x[::step][:max_images].float().div_(255)
     return sample.mean(dim=(0, 2, 3)).tolist(), sample.std(dim=(0, 2, 3)).clamp_min(1e-3).tolist()
 
 
