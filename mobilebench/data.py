@@ -206,22 +206,27 @@ def _cached_folder(folder: Path, cfg: DataConfig) -> tuple[Split, list[str]]:
 
 
 def _decode_one(path: str, size: int) -> torch.Tensor:
-    from torchvision.io import ImageReadMode, decode_image
+    # PIL, as torchvision's ImageFolder uses; torchvision.io's decoders are deprecated since 0.29.
+    import numpy as np
+    from PIL import Image
 
     try:
-        img = decode_image(path, mode=ImageReadMode.RGB)
+        with Image.open(path) as img:
+            array = np.asarray(img.convert("RGB"))
     except Exception as err:
-        raise DataError(f"cannot read image {path} ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); remove or replace it") from None
-    if img.shape[-2:] != (size, size):
-        img = resize_uint8(img.unsqueeze(0), size)[0]
-    return img
+        reason = str(err).splitlines()[0] if str(err) else type(err).__name__
+        raise DataError(f"cannot read image {path} ({reason}); remove or replace it") from None
+    tensor = torch.from_numpy(array.copy()).permute(2, 0, 1)
+    if tensor.shape[-2:] != (size, size):
+        tensor = resize_uint8(tensor.unsqueeze(0), size)[0]
+    return tensor
 
 
 def _decode_all(paths: list[str], size: int) -> torch.Tensor:
     if not paths:
         raise DataError("no images found")
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
-    # libjpeg releases the GIL, so threads decode in parallel without worker processes.
+    # PIL releases the GIL while decoding, so threads overlap without worker processes.
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
         for i, img in enumerate(pool.map(lambda p: _decode_one(p, size), paths, chunksize=256)):
             out[i] = img

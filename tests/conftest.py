@@ -1,0 +1,44 @@
+"""Shared fixtures: compose the real config (as the CLI does), shrunk to seconds on CPU."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from mobilebench.cli import conf_dir, to_config
+
+# A run that finishes in a few seconds on 2 CPU cores and still exercises every part.
+TINY = [
+    "data=synthetic", "data.train_subset=96", "data.val_size=32", "data.test_subset=64", "data.batch_size=32",
+    "trainer.epochs=1", "model.width_mult=0.25", "trainer.progress=log", "trainer.threads=1",
+]
+
+
+def compose_config(overrides: list[str]) -> tuple[Any, dict]:
+    """The config exactly as `mobilebench` composes and validates it: (Config, plain dict)."""
+    from omegaconf import OmegaConf
+
+    with initialize_config_dir(config_dir=str(conf_dir()), version_base="1.3"):
+        cfg = compose(config_name="config", overrides=overrides)
+    return to_config(cfg), OmegaConf.to_container(cfg, resolve=True)
+
+
+def train_run(run_dir: Path, *overrides: str) -> float:
+    from mobilebench.train import run_train
+
+    config, plain = compose_config([*TINY, *overrides])
+    return run_train(config, plain, run_dir)
+
+
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "mobilebench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture
+def tiny() -> list[str]:
+    return list(TINY)

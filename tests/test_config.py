@@ -1,0 +1,78 @@
+"""The real config composes for every option, and every user mistake is one line and exit 2."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from mobilebench.cli import conf_dir, main
+from mobilebench.config import MODELS
+
+from .conftest import compose_config
+
+GROUPS = ["model", "data", "augment", "optimizer", "scheduler", "trainer", "experiment"]
+
+
+def _options(group: str) -> list[str]:
+    return sorted(p.stem for p in (conf_dir() / group).glob("*.yaml"))
+
+
+@pytest.mark.parametrize("group,option", [(g, o) for g in GROUPS for o in _options(g)])
+def test_every_option_composes_and_validates(group: str, option: str) -> None:
+    config, plain = compose_config([f"{group}={option}"])
+    if group in ("model", "data", "optimizer", "scheduler"):
+        assert getattr(config, group).name == option
+    assert plain["command"] == "train"
+
+
+def test_model_group_matches_the_model_names() -> None:
+    assert _options("model") == sorted(MODELS)
+
+
+def test_overrides_reach_the_typed_config() -> None:
+    config, _ = compose_config(["model=v2", "optimizer=adam", "optimizer.lr=0.003", "trainer.epochs=3", "data.train_subset=500"])
+    assert (config.model.name, config.optimizer.name, config.optimizer.lr) == ("v2", "adam", 0.003)
+    assert config.trainer.epochs == 3 and config.data.train_subset == 500
+    assert config.optimizer.weight_decay == pytest.approx(1e-5)  # the tutorial's Adam
+
+
+def test_seed224_switches_to_the_tutorial_pipeline() -> None:
+    config, _ = compose_config(["augment=seed224"])
+    assert config.augment.resize == 224 and config.model.stem == "imagenet"
+    assert config.data.mean == pytest.approx([0.485, 0.456, 0.406])
+
+
+@pytest.mark.parametrize("override,expected", [
+    ("model=v9", "model=v9 is not an option; choose one of: v1, v2, v3_large, v3_small"),
+    ("optimizer.lr=abc", "optimizer.lr"),
+    ("trainer.foo=1", "trainer.foo"),
+    ("+trainer.foo=1", "trainer.foo"),
+    ("trainer.epochs=0", "trainer.epochs=0 is out of range"),
+    ("data.val_size=-1", "data.val_size=-1 is out of range"),
+    ("trainer.device=tpu", "choose one of: auto, cpu, cuda, mps"),
+    ("augment=fancy", "augment=fancy is not an option"),
+])
+def test_config_mistakes_are_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", override, f"hydra.run.dir={tmp_path}/run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("mobilebench: error:") and err.count("\n") == 1, err
+    assert expected in err
+    assert "Traceback" not in err
+    assert not (tmp_path / "run").exists(), "a rejected config must not create a run dir"
+
+
+def test_sweep_values_are_checked_before_any_job(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["train", "-m", "model=v1,v9"])
+    assert exit_info.value.code == 2
+    assert "model=v9 is not an option" in capsys.readouterr().err
+
+
+def test_unknown_command(capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["trian"])
+    assert exit_info.value.code == 2
+    assert "unknown command 'trian'" in capsys.readouterr().err
