@@ -26,7 +26,8 @@ from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
 from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, needs_dataloader
 from mobilebench.runtime import (PRECISION_DTYPES, World, init_world, resolve_compile, resolve_device,
-                                 resolve_precision, seed_everything, set_threads)
+                                 resolve_precision, seed_everything, set_threads, shared_run_dir,
+                                 sync_batchnorm, world_reduce)
 
 log = logging.getLogger("mobilebench")
 
@@ -263,6 +264,7 @@ def resume_path(cfg: Config, files: RunFiles) -> Path | None:
 def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bool = False) -> float:
     """Train per `cfg` into `run_dir`; returns the best validation accuracy (what sweeps optimise)."""
     world = init_world(cfg.trainer.device)
+    run_dir = shared_run_dir(run_dir, world)
     files = RunFiles(run_dir, world.is_main)
     if world.is_main:
         check_run_dir(files, cfg)
@@ -279,7 +281,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     if cfg.trainer.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     if cfg.trainer.sync_bn and world.size > 1:
-        raw = nn.SyncBatchNorm.convert_sync_batchnorm(raw)
+        raw = sync_batchnorm(raw, device)
     model: nn.Module = raw
     if world.size > 1:
         model = nn.parallel.DistributedDataParallel(raw, device_ids=[device.index] if device.type == "cuda" else None)
@@ -348,6 +350,9 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
             save_checkpoint(payload, files.best)
 
     def log_epoch(row: dict[str, Any]) -> None:
+        if world.size > 1 and not row.get("interrupted"):  # each rank saw its own shard: report the whole batch
+            row.update(world_reduce({k: row[k] for k in ("train_loss", "train_acc")}, world, device))
+            row.update(world_reduce({"train_images_per_s": row["train_images_per_s"]}, world, device, op="sum"))
         files.append_metrics(row)
         if row.get("interrupted"):
             return
