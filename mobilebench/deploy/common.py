@@ -1,0 +1,223 @@
+"""Helpers the deployment commands share: config sections, the model to deploy, its data, and
+accuracy measured the same way for PyTorch and onnxruntime."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import logging
+import os
+import warnings
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+from typing import Any, TypeVar
+
+import numpy as np
+import torch
+from torch import nn
+
+from mobilebench.config import Config
+from mobilebench.data import DataSplits, Split, load_data
+from mobilebench.errors import UserError
+
+T = TypeVar("T")
+INSTALL_HINT = "pip install 'mobilebench[deploy]'"
+INPUT_NAME, OUTPUT_NAME = "input", "logits"
+
+
+def parse_section(schema: type[T], values: dict[str, Any], section: str, ignore: tuple[str, ...] = ()) -> T:
+    """Check a free-form config section against `schema`: unknown keys and wrong types are one line."""
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    plain = {k: v for k, v in dict(values or {}).items() if k not in ignore}
+    try:
+        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        message = str(err).strip().splitlines()[0]
+        where = f"{section}.{key}" if key else section
+        raise UserError(f"{where}: {message} (valid keys: {', '.join(schema.__dataclass_fields__)})") from None
+
+
+def require(module: str) -> ModuleType:
+    """Import an optional deployment dependency, or fail with the install command."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise UserError(f"{module} is not installed; install the deployment extras with: {INSTALL_HINT}") from None
+
+
+@contextlib.contextmanager
+def quiet() -> Iterator[None]:
+    """Silence the progress prints, log records and deprecation chatter of the exporters and of
+    onnxruntime's quantizer (it logs advice through the root logger); the commands print their own summary."""
+    with warnings.catch_warnings(), contextlib.redirect_stdout(io.StringIO()):
+        warnings.simplefilter("ignore")
+        logging.disable(logging.WARNING)
+        try:
+            yield
+        finally:
+            logging.disable(logging.NOTSET)
+
+
+def set_threads(threads: int | None) -> int:
+    """Use `threads` intra-op threads in PyTorch (None: its default) and return the count in use."""
+    if threads:
+        torch.set_num_threads(threads)
+    return torch.get_num_threads()
+
+
+@dataclass
+class Source:
+    """The model being deployed plus what its input must look like."""
+
+    model: nn.Module
+    name: str
+    model_args: dict[str, Any]
+    checkpoint: str | None  # None: random weights
+    blob: dict[str, Any] | None
+    image_size: int  # side of the network input (after any resize)
+    mean: list[float] | None  # normalisation the model was trained with; None until data is loaded
+    std: list[float] | None
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.model_args["num_classes"])
+
+    def input_spec(self) -> dict[str, Any]:
+        """What the exported graph expects, for the JSON report."""
+        return {"name": INPUT_NAME, "shape": ["batch", 3, self.image_size, self.image_size], "dtype": "float32",
+                "layout": "NCHW, RGB", "normalisation": "(pixel / 255 - mean) / std", "mean": self.mean, "std": self.std}
+
+
+def need_checkpoint(config: Config, usage: str) -> str:
+    if not config.checkpoint:
+        raise UserError(f"this command needs a checkpoint: {usage}")
+    return str(config.checkpoint)
+
+
+def load_source(path: str) -> Source:
+    """The checkpoint's model (EMA weights when kept) in eval mode on the CPU; one-line errors."""
+    from mobilebench.evaluation import load_eval_model
+
+    model, blob = load_eval_model(path, torch.device("cpu"))
+    stats = blob.get("data") or {}
+    resize = (blob.get("config") or {}).get("augment", {}).get("resize")
+    size = int(resize or stats.get("image_size") or 32)
+    return Source(model, blob["model_args"]["name"], dict(blob["model_args"]), path, blob, size,
+                  stats.get("mean"), stats.get("std"))
+
+
+def random_source(config: Config, num_classes: int = 10) -> Source:
+    """A model built from the config with random weights (latency needs no training)."""
+    from mobilebench.models import build_model
+    from mobilebench.train import model_args
+
+    args = model_args(config, config.model.num_classes or num_classes)
+    model = build_model(**args).eval()
+    size = config.augment.resize or config.data.image_size
+    return Source(model, config.model.name, args, None, None, size, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
+
+
+def source_data(source: Source, config: Config, use_checkpoint_data: bool = True) -> DataSplits:
+    """The data the checkpoint was trained on (or the configured data when the user overrode it)."""
+    from mobilebench.evaluation import checkpoint_data_config
+
+    data_cfg = checkpoint_data_config(source.blob) if use_checkpoint_data and source.blob else config.data
+    data = load_data(data_cfg)
+    if data.num_classes != source.num_classes:
+        raise UserError(f"checkpoint {source.checkpoint} predicts {source.num_classes} classes but data {data_cfg.name} "
+                        f"has {data.num_classes}; pass the data the model was trained on")
+    if source.mean is None or source.std is None:
+        source.mean, source.std = data.mean, data.std
+    return data
+
+
+def take(split: Split, n: int | None, seed: int = 0) -> Split:
+    """A seeded random subset (image folders are sorted by class, so the first n would be one class)."""
+    if n is None or n >= len(split):
+        return split
+    idx = torch.randperm(len(split), generator=torch.Generator().manual_seed(seed))[:n].sort().values
+    return Split(split.x[idx], split.y[idx])
+
+
+def batches(split: Split, source: Source, batch_size: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    """Normalised, unaugmented float batches exactly as the model saw them in evaluation."""
+    from mobilebench.loader import eval_batches
+
+    resize = source.image_size if source.image_size != split.x.shape[-1] else None
+    return eval_batches(split, batch_size, source.mean, source.std, torch.device("cpu"), channels_last=False, resize=resize)
+
+
+def random_batch(source: Source, n: int, seed: int = 0) -> torch.Tensor:
+    """Stand-in input for random-weight models: roughly what a normalised image looks like."""
+    return torch.randn(n, 3, source.image_size, source.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def torch_accuracy(model: nn.Module, split: Split, source: Source, batch_size: int = 256) -> float:
+    from mobilebench.engine import evaluate
+
+    with torch.inference_mode():
+        return evaluate(model, batches(split, source, batch_size), source.num_classes, torch.device("cpu")).acc
+
+
+def ort_session(path: str | Path, threads: int) -> Any:
+    """An onnxruntime CPU session with every graph optimisation and a fixed thread count."""
+    ort = require("onnxruntime")
+    options = ort.SessionOptions()
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    options.intra_op_num_threads = threads
+    options.inter_op_num_threads = 1
+    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    try:
+        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
+        raise UserError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
+
+
+def ort_run(session: Any, x: torch.Tensor | np.ndarray) -> np.ndarray:
+    array = x.numpy() if isinstance(x, torch.Tensor) else x
+    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(array, dtype=np.float32)})[0]
+
+
+def ort_accuracy(session: Any, split: Split, source: Source, batch_size: int = 256) -> float:
+    """Top-1 accuracy of an onnxruntime session on `split` (same batches as `torch_accuracy`)."""
+    correct = total = 0
+    for x, y in batches(split, source, batch_size):
+        pred = ort_run(session, x).argmax(1)
+        correct += int((pred == y.numpy()).sum())
+        total += len(y)
+    return correct / max(total, 1)
+
+
+def state_bytes(model: nn.Module, path: Path | None = None) -> int:
+    """Bytes of the model's state dict saved with torch.save (written to `path` when given)."""
+    buffer = io.BytesIO()
+    torch.save(model.state_dict(), buffer)
+    if path is not None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_bytes(buffer.getvalue())
+    return buffer.tell()
+
+
+def file_bytes(path: str | Path) -> int:
+    return os.path.getsize(path)
+
+
+def write_report(run_dir: Path, name: str, report: dict[str, Any]) -> Path:
+    from mobilebench.train import write_json_atomic
+
+    run_dir.mkdir(parents=True, exist_ok=True)
+    path = run_dir / name
+    write_json_atomic(path, report, json.dumps(report, indent=2, default=str) + "\n")
+    return path
+
+
+def mb(n_bytes: int) -> str:
+    return f"{n_bytes / 1e6:.2f} MB"

@@ -1,0 +1,155 @@
+"""`mobilebench bench latency`: milliseconds per batch for PyTorch eager fp32, onnxruntime fp32 and
+onnxruntime int8, timed side by side with a stated thread count.
+
+`checkpoint=PATH` times that model (int8 calibrated on its training images); without a checkpoint
+the configured model (`model=v2`) is timed with random weights, calibrated on random tensors --
+latency does not depend on what the weights are.
+"""
+
+from __future__ import annotations
+
+import platform
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from mobilebench.config import Config
+from mobilebench.deploy.common import (
+    Source,
+    load_source,
+    ort_run,
+    ort_session,
+    parse_section,
+    random_batch,
+    random_source,
+    set_threads,
+    write_report,
+)
+from mobilebench.deploy.timing import summarize, time_interleaved
+from mobilebench.errors import UserError
+
+BACKENDS = ("pytorch", "onnx_fp32", "onnx_int8")
+LABELS = {"pytorch": "torch fp32", "onnx_fp32": "ort fp32", "onnx_int8": "ort int8"}  # short: the table must fit 80 columns
+
+
+@dataclass
+class LatencyConfig:
+    """The `bench.*` keys the latency mode reads; the keys of `bench train` are left to it."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    repeats: int = 50  # timed calls per backend and batch size (interleaved round-robin)
+    warmup: int = 5  # untimed calls first
+    threads: Optional[int] = None  # intra-op threads for PyTorch and onnxruntime; None: trainer.threads, else PyTorch's default
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    calib_size: int = 256  # images that calibrate the int8 model
+    exporter: str = "dynamo"  # ONNX exporter (see export.exporter)
+
+
+def parse_latency(values: dict[str, Any]) -> LatencyConfig:
+    mine = {f.name for f in fields(LatencyConfig)}
+    cfg = parse_section(LatencyConfig, {k: v for k, v in dict(values or {}).items() if k in mine}, "bench")
+    bad = [b for b in cfg.backends if b not in BACKENDS]
+    if bad or not cfg.backends:
+        raise UserError(f"bench.backends has unknown backend(s) {', '.join(bad) or '(none given)'}; choose from: {', '.join(BACKENDS)}")
+    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
+        raise UserError("bench.batch_sizes must list batch sizes >= 1, e.g. [1,32]")
+    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.calib_size < 1:
+        raise UserError("bench.repeats and bench.calib_size must be >= 1 and bench.warmup >= 0")
+    return cfg
+
+
+def build_runners(source: Source, config: Config, cfg: LatencyConfig, run_dir: Path, threads: int,
+                  use_checkpoint_data: bool) -> tuple[dict[str, Callable[[torch.Tensor], Any]], dict[str, Any]]:
+    """One callable per backend taking a float NCHW batch, plus what was built for them."""
+    runners: dict[str, Callable[[torch.Tensor], Any]] = {}
+    built: dict[str, Any] = {}
+    if "pytorch" in cfg.backends:
+        model = source.model.eval()
+
+        def eager(x: torch.Tensor) -> Any:
+            with torch.inference_mode():
+                return model(x)
+
+        runners["pytorch"] = eager
+    if {"onnx_fp32", "onnx_int8"} & set(cfg.backends):
+        from mobilebench.deploy.export import export_onnx
+
+        fp32 = export_onnx(source.model, run_dir / "model.onnx", source.image_size, cfg.exporter)
+        built["onnx_fp32"] = str(fp32)
+        if "onnx_fp32" in cfg.backends:
+            s32 = ort_session(fp32, threads)
+            runners["onnx_fp32"] = lambda x: ort_run(s32, x)
+        if "onnx_int8" in cfg.backends:
+            from mobilebench.deploy.quantize import QuantizeConfig, calibration_arrays, quantize_static
+
+            qcfg = QuantizeConfig(calib_size=cfg.calib_size)
+            int8 = run_dir / "model.int8.onnx"
+            arrays = calibration_arrays(source, config, qcfg, use_checkpoint_data)
+            built["onnx_int8"] = {"file": str(int8), **quantize_static(fp32, int8, arrays, qcfg, source.name)}
+            s8 = ort_session(int8, threads)
+            runners["onnx_int8"] = lambda x: ort_run(s8, x)
+    return runners, built
+
+
+def run_latency(config: Config, run_dir: Path, use_checkpoint_data: bool = True) -> dict[str, Any]:
+    from mobilebench.deploy.quantize import machine_note
+
+    cfg = parse_latency(config.bench)
+    threads = set_threads(cfg.threads or config.trainer.threads)
+    source = load_source(config.checkpoint) if config.checkpoint else random_source(config)
+    if source.mean is None and source.blob is not None:
+        from mobilebench.deploy.common import source_data
+
+        source_data(source, config, use_checkpoint_data)
+    runners, built = build_runners(source, config, cfg, run_dir, threads, use_checkpoint_data)
+    results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in runners}
+    for bs in cfg.batch_sizes:
+        x = random_batch(source, bs)
+        timed = time_interleaved({name: (lambda run=run: run(x)) for name, run in runners.items()}, cfg.warmup, cfg.repeats)
+        for name, seconds in timed.items():
+            results[name][str(bs)] = summarize(seconds, bs)
+    report = {
+        "model": source.name, "model_args": source.model_args,
+        "checkpoint": source.checkpoint or "random weights", "input_shape": [3, source.image_size, source.image_size],
+        "threads": {"pytorch_intra_op": torch.get_num_threads(), "onnxruntime_intra_op": threads, "onnxruntime_inter_op": 1},
+        "batch_sizes": cfg.batch_sizes, "warmup": cfg.warmup, "repeats": cfg.repeats,
+        "method": "wall clock per batch; backends called round-robin so load from other processes hits all alike",
+        "results": results, "speedup": speedups(results), "built": built,
+        "machine": {**machine_note(), "python": platform.python_version()},
+    }
+    write_report(run_dir, "latency.json", report)
+    print_latency(report)
+    return report
+
+
+def speedups(results: dict[str, dict[str, dict[str, float]]]) -> dict[str, dict[str, float]]:
+    """Median-latency ratios: each backend against PyTorch eager, and int8 against fp32 onnxruntime."""
+    out: dict[str, dict[str, float]] = {}
+    pairs = [(f"{name}_vs_pytorch", "pytorch", name) for name in ("onnx_fp32", "onnx_int8")] + [("int8_vs_fp32", "onnx_fp32", "onnx_int8")]
+    for key, base, other in pairs:
+        if base in results and other in results:
+            out[key] = {bs: round(results[base][bs]["median_ms"] / results[other][bs]["median_ms"], 2) for bs in results[base]}
+    return out
+
+
+def print_latency(report: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = report["threads"]
+    table = Table(title=f"{report['model']} ({report['checkpoint']}) {'x'.join(map(str, report['input_shape']))}: "
+                        f"{t['pytorch_intra_op']} threads, median / p90 of {report['repeats']} calls")
+    for col in ("batch", "backend", "median ms", "p90 ms", "images/s", "vs PyTorch", "int8 vs fp32"):
+        table.add_column(col, justify="left" if col == "backend" else "right")
+    results, speed = report["results"], report["speedup"]
+    for bs in map(str, report["batch_sizes"]):
+        for name, rows in results.items():
+            row = rows[bs]
+            vs_torch = speed.get(f"{name}_vs_pytorch", {}).get(bs)
+            vs_fp32 = speed.get("int8_vs_fp32", {}).get(bs) if name == "onnx_int8" else None
+            table.add_row(bs, LABELS[name], f"{row['median_ms']:.2f}", f"{row['p90_ms']:.2f}", f"{row['images_per_s']:,.0f}",
+                          f"{vs_torch:.2f}x" if vs_torch else "", f"{vs_fp32:.2f}x" if vs_fp32 else "")
+        table.add_section()
+    Console().print(table)

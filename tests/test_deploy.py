@@ -1,0 +1,284 @@
+"""Deployment: ONNX / torch.export parity, int8 quantization that reaches the convolutions, channel
+and unstructured pruning, the latency benchmark, and one-line errors.
+
+Checkpoints are built in-process (a width-0.25 model saved in the training format, synthetic data)
+so no test trains; the fast TorchScript-based ONNX exporter is used except where the default
+(dynamo) exporter itself is under test.
+"""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("onnxruntime")
+onnx = pytest.importorskip("onnx")
+
+from mobilebench.checkpoint import CheckpointError, load_model, save_checkpoint  # noqa: E402
+from mobilebench.config import Config  # noqa: E402
+from mobilebench.deploy.common import load_source  # noqa: E402
+from mobilebench.deploy.export import export_onnx, run_export  # noqa: E402
+from mobilebench.deploy.latency import run_latency  # noqa: E402
+from mobilebench.deploy.prune import channel_prune, run_prune  # noqa: E402
+from mobilebench.deploy.quantize import (  # noqa: E402
+    QuantizeConfig,
+    conv_report,
+    node_groups,
+    quantize_static,
+    run_quantize,
+    runtime_ops,
+)
+from mobilebench.errors import UserError  # noqa: E402
+from mobilebench.models import build_model  # noqa: E402
+from mobilebench.profile import count_macs, count_params  # noqa: E402
+
+MODELS = ("v1", "v2", "v3_small", "v3_large")
+DATA = {"name": "synthetic", "root": "unused", "download": False, "val_size": 16, "train_subset": 96, "test_subset": 64,
+        "image_size": 32, "batch_size": 32, "num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
+FAST = {"exporter": "torchscript"}
+
+
+def make_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
+    """A checkpoint in the training format with non-trivial BN statistics and well-separated logits."""
+    torch.manual_seed(seed)
+    model = build_model(name, num_classes=10, width_mult=0.25).eval()
+    with torch.no_grad():
+        for m in model.modules():
+            if isinstance(m, torch.nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.1)
+                m.running_var.uniform_(0.5, 1.5)
+                m.weight.uniform_(0.5, 1.5)
+        model.head.classifier.weight.normal_(0, 1.0)
+    args = {"name": name, "num_classes": 10, "width_mult": 0.25, "stem": "cifar", "dropout": None}
+    payload = {"model_args": args, "model": model.state_dict(), "ema": None,
+               "config": {"model": {"name": name}, "data": DATA, "augment": {"resize": None}},
+               "data": {"classes": [str(i) for i in range(10)], "mean": DATA["mean"], "std": DATA["std"], "image_size": 32}}
+    save_checkpoint(payload, path)
+    return path
+
+
+def config(checkpoint: Path | None, **sections: dict) -> Config:
+    cfg = Config(command="export", checkpoint=str(checkpoint) if checkpoint else None)
+    for key, value in sections.items():
+        setattr(cfg, key, value)
+    return cfg
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread() -> object:
+    # The commands use PyTorch's thread count for onnxruntime too; one thread keeps a shared CI box responsive.
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def ckpts(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
+    root = tmp_path_factory.mktemp("ckpt")
+    return {name: make_checkpoint(root / f"{name}.pt", name) for name in MODELS}
+
+
+# --- export ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", MODELS)
+def test_onnx_export_matches_pytorch(ckpts: dict[str, Path], tmp_path: Path, name: str) -> None:
+    report = run_export(config(ckpts[name], export={**FAST, "parity_images": 64, "batch_size": 32}), tmp_path)
+    p = report["parity"]
+    assert p["passed"] and p["max_abs_diff"] <= 1e-4 and p["agreement"] >= 0.999 and p["images"] == 64
+    graph = onnx.load(str(tmp_path / "model.onnx")).graph
+    assert graph.input[0].type.tensor_type.shape.dim[0].dim_param  # the batch axis is symbolic
+    saved = json.loads((tmp_path / "export.json").read_text())
+    assert saved["input"]["mean"] == DATA["mean"] and saved["input"]["std"] == DATA["std"]
+
+
+@pytest.mark.slow
+def test_default_dynamo_export_and_pt2(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    onnx_report = run_export(config(ckpts["v1"], export={"parity_images": 32, "batch_size": 16}), tmp_path / "onnx")
+    assert onnx_report["exporter"] == "dynamo" and onnx_report["parity"]["passed"]
+    pt2 = run_export(config(ckpts["v1"], export={"format": "pt2", "parity_images": 32, "batch_size": 16}), tmp_path / "pt2")
+    assert pt2["parity"]["passed"] and (tmp_path / "pt2" / "model.pt2").is_file()
+
+
+def test_export_fails_when_parity_fails(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="parity check failed"):
+        run_export(config(ckpts["v1"], export={**FAST, "parity_images": 32, "atol": 1e-30}), tmp_path)
+    assert not json.loads((tmp_path / "export.json").read_text())["parity"]["passed"]
+
+
+# --- quantize ----------------------------------------------------------------------------------
+
+
+def test_static_quantization_makes_convolutions_int8(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    source = load_source(str(ckpts["v2"]))
+    fp32 = export_onnx(source.model, tmp_path / "model.onnx", 32, "torchscript")
+    int8 = tmp_path / "model.int8.onnx"
+    arrays = [torch.randn(16, 3, 32, 32).numpy() for _ in range(2)]
+    quantize_static(fp32, int8, arrays, QuantizeConfig(), "v2")
+    graph = onnx.load(str(int8)).graph
+    int8_inits = {i.name for i in graph.initializer if i.data_type == onnx.TensorProto.INT8}
+    producer = {o: n for n in graph.node for o in n.output}
+    convs = [n for n in graph.node if n.op_type == "Conv"]
+    # Every conv now reads its weight through DequantizeLinear from an int8 tensor, per channel.
+    for conv in convs:
+        dq = producer[conv.input[1]]
+        assert dq.op_type == "DequantizeLinear" and dq.input[0] in int8_inits
+        scale = next(i for i in graph.initializer if i.name == dq.input[1])
+        assert scale.dims[0] == next(i for i in graph.initializer if i.name == dq.input[0]).dims[0]
+    report = conv_report(graph)
+    assert report["conv_int8"] == report["conv_total"] == len(convs) > 0
+    assert runtime_ops(int8, 1).get("QLinearConv") == len(convs)  # what onnxruntime actually executes
+    assert int8.stat().st_size < fp32.stat().st_size
+
+
+def test_quantize_exclude_keeps_se_float(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    source = load_source(str(ckpts["v3_small"]))
+    fp32 = export_onnx(source.model, tmp_path / "model.onnx", 32, "torchscript")
+    graph = onnx.load(str(fp32)).graph
+    ops = {n.name: n.op_type for n in graph.node}
+    se_blocks = sum(1 for b in source.model.features if getattr(b, "se", None) is not None)
+    se_ops = [ops[n] for n in node_groups(graph)["se"]]
+    # Per SE block: pool, squeeze conv, ReLU, excite conv, HardSigmoid gate and the Mul it feeds.
+    assert sorted(set(se_ops)) == ["Conv", "GlobalAveragePool", "HardSigmoid", "Mul", "Relu"]
+    assert se_ops.count("Conv") == 2 * se_blocks and se_ops.count("Mul") == se_blocks
+    int8 = tmp_path / "model.int8.onnx"
+    quantize_static(fp32, int8, [torch.randn(8, 3, 32, 32).numpy()], QuantizeConfig(exclude=["se"]), "v3_small")
+    kinds = conv_report(onnx.load(str(int8)).graph)["by_kind"]
+    assert kinds["se"] == {"int8": 0, "float": 2 * se_blocks}
+    assert kinds["pointwise"]["int8"] > 0 and kinds["pointwise"]["float"] == 0
+
+
+def test_quantize_command_reports_accuracy_size_latency(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    q = {**FAST, "calib_size": 32, "repeats": 2, "warmup": 1, "latency_batches": [1, 8]}
+    report = run_quantize(config(ckpts["v1"], quantize=q), tmp_path)
+    assert set(report["accuracy"]) >= {"pytorch_fp32", "onnx_fp32", "onnx_int8", "drop_points"}
+    assert report["size_bytes"]["after"] < report["size_bytes"]["before"]
+    assert set(report["latency"]) == {"1", "8"} and report["graph"]["conv_int8"] == report["graph"]["conv_total"]
+    assert (tmp_path / "quantize.json").is_file() and (tmp_path / "model.int8.onnx").is_file()
+
+
+def test_dynamic_quantization_reports_it_skips_convolutions(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    q = {"method": "dynamic", "repeats": 2, "warmup": 1, "latency_batches": [2]}
+    report = run_quantize(config(ckpts["v3_small"], quantize=q), tmp_path)
+    layers = report["layers"]
+    assert layers["Conv2d"]["quantized"] == 0 and layers["Conv2d"]["total"] > 0
+    assert layers["Linear"]["quantized"] == layers["Linear"]["total"] == 2
+    assert "no Conv2d kernel" in report["note"]
+
+
+# --- prune -------------------------------------------------------------------------------------
+
+
+def _zero_dropped(model: torch.nn.Module, pruned: torch.nn.Module) -> None:
+    """Silence, in the original, exactly the channels channel pruning removed (found by matching weights)."""
+    from mobilebench.deploy.prune import inverted_residuals
+
+    with torch.no_grad():
+        for old, new in zip(inverted_residuals(model), inverted_residuals(pruned)):
+            if old.expand is None:
+                continue
+            w_old = old.expand.conv.weight.flatten(1)
+            kept = [int((w_old == w).all(1).nonzero()[0]) for w in new.expand.conv.weight.flatten(1)]
+            dropped = sorted(set(range(old.hidden_channels)) - set(kept))
+            old.project.conv.weight[:, dropped] = 0
+            if old.se is not None:
+                old.se.fc1.weight[:, dropped] = 0
+                fc1_old = old.se.fc1.weight.flatten(1)[:, kept]
+                sq_kept = [int((fc1_old == w).all(1).nonzero()[0]) for w in new.se.fc1.weight.flatten(1)]
+                old.se.fc2.weight[:, sorted(set(range(old.se.squeeze_channels)) - set(sq_kept))] = 0
+
+
+@pytest.mark.parametrize("name", ["v2", "v3_small"])
+def test_channel_pruning_shrinks_model_and_keeps_function(ckpts: dict[str, Path], name: str) -> None:
+    source = load_source(str(ckpts[name]))
+    pruned, args = channel_prune(source.model, source.model_args, 0.5)
+    assert count_params(pruned) < count_params(source.model)
+    assert count_macs(pruned, 32) < count_macs(source.model, 32)
+    widths, before = args["hidden_channels"], source.model.hidden_channels
+    assert widths == pruned.hidden_channels and all(w <= b for w, b in zip(widths, before)) and widths != before
+    assert all(w % 8 == 0 or w == b for w, b in zip(widths, before))
+    x = torch.randn(4, 3, 32, 32)
+    with torch.no_grad():
+        assert pruned(x).shape == (4, 10)
+        _zero_dropped(source.model, pruned)  # the original with the removed channels silenced...
+        torch.testing.assert_close(pruned(x), source.model(x), atol=1e-4, rtol=1e-4)  # ...is the pruned model
+
+
+def test_pruned_checkpoint_works_everywhere(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    cfg = config(ckpts["v3_small"], prune={"method": "channel", "amount": 0.3, "finetune_epochs": 1, "finetune_steps": 2})
+    report = run_prune(cfg, {"prune": cfg.prune}, tmp_path / "prune")
+    assert report["after"]["params"] < report["before"]["params"] and report["after"]["macs"] < report["before"]["macs"]
+    assert len(report["finetune"]["history"]) == 1
+    path = tmp_path / "prune" / "pruned.pt"
+    model = load_model(path)
+    assert model.hidden_channels == report["hidden_channels"]["after"]
+    blob = torch.load(path, weights_only=True)
+    assert blob["config"]["model"]["hidden_channels"] == report["hidden_channels"]["after"]
+    assert run_export(config(path, export={**FAST, "parity_images": 32}), tmp_path / "export")["parity"]["passed"]
+    latency = run_latency(config(path, bench={"mode": "latency", "batch_sizes": [2], "repeats": 2, "warmup": 1,
+                                              "backends": ["pytorch", "onnx_fp32"], **FAST}), tmp_path / "latency")
+    assert set(latency["results"]) == {"pytorch", "onnx_fp32"}
+
+
+def test_l1_unstructured_is_permanent(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    report = run_prune(config(ckpts["v2"], prune={"method": "l1_unstructured", "amount": 0.4}), {}, tmp_path)
+    assert report["sparsity"]["conv_linear_weights"] == pytest.approx(0.4, abs=0.01)
+    assert report["after"]["params"] == report["before"]["params"]  # same shapes: nothing got smaller
+    state = torch.load(tmp_path / "pruned.pt", weights_only=True)["model"]
+    assert not any(k.endswith(("weight_orig", "weight_mask")) for k in state)
+    assert load_model(tmp_path / "pruned.pt")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
+
+
+# --- latency -----------------------------------------------------------------------------------
+
+
+def test_latency_of_random_model_writes_json(tmp_path: Path) -> None:
+    cfg = config(None, bench={"mode": "latency", "batch_sizes": [1, 4], "repeats": 3, "warmup": 1, "threads": 1,
+                              "calib_size": 8, **FAST})
+    cfg.model.name, cfg.model.width_mult = "v2", 0.25
+    report = run_latency(cfg, tmp_path)
+    saved = json.loads((tmp_path / "latency.json").read_text())
+    assert saved["threads"]["onnxruntime_intra_op"] == 1 and saved["checkpoint"] == "random weights"
+    for backend in ("pytorch", "onnx_fp32", "onnx_int8"):
+        for bs in ("1", "4"):
+            row = report["results"][backend][bs]
+            assert 0 < row["median_ms"] <= row["p90_ms"] and row["repeats"] == 3
+    assert set(saved["speedup"]["int8_vs_fp32"]) == {"1", "4"}
+
+
+# --- errors ------------------------------------------------------------------------------------
+
+
+def test_errors_are_one_line(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="needs a checkpoint"):
+        run_export(config(None), tmp_path)
+    with pytest.raises(CheckpointError, match="does not exist"):
+        run_quantize(config(tmp_path / "missing.pt"), tmp_path)
+    bad = tmp_path / "bad.pt"
+    bad.write_bytes(b"not a checkpoint")
+    with pytest.raises(CheckpointError, match="refused|corrupt"):
+        run_prune(config(bad), {}, tmp_path)
+    with pytest.raises(UserError, match="export.format"):
+        run_export(config(ckpts["v1"], export={"format": "tflite"}), tmp_path)
+    with pytest.raises(UserError, match="export.frmat"):
+        run_export(config(ckpts["v1"], export={"frmat": "onnx"}), tmp_path)
+    with pytest.raises(UserError, match="inverted-residual"):
+        run_prune(config(ckpts["v1"], prune={"method": "channel"}), {}, tmp_path)
+    with pytest.raises(UserError, match="prune.amount"):
+        run_prune(config(ckpts["v2"], prune={"amount": 1.5}), {}, tmp_path)
+    with pytest.raises(UserError, match="quantize.exclude"):
+        run_quantize(config(ckpts["v2"], quantize={"exclude": ["everything"]}), tmp_path)
+
+
+def test_cli_prints_one_line_for_a_missing_checkpoint(tmp_path: Path) -> None:
+    result = subprocess.run([sys.executable, "-m", "mobilebench", "export", f"checkpoint={tmp_path}/nope.pt", "format=onnx",
+                             f"hydra.run.dir={tmp_path}/run"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("mobilebench: error: checkpoint") and "does not exist" in lines[0]
