@@ -154,6 +154,29 @@ def test_quantize_exclude_keeps_se_float(ckpts: dict[str, Path], tmp_path: Path)
     assert kinds["pointwise"]["int8"] > 0 and kinds["pointwise"]["float"] == 0
 
 
+def test_v3_rewrite_is_exact_and_leaves_no_float_islands(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    from mobilebench.deploy.common import ort_run, ort_session
+    from mobilebench.deploy.rewrite import rewrite_for_int8
+
+    source = load_source(str(ckpts["v3_small"]))
+    fp32 = export_onnx(source.model, tmp_path / "model.onnx", 32, "torchscript")
+    model = onnx.load(str(fp32))
+    counts = rewrite_for_int8(model)
+    assert counts["hardswish"] > 0 and counts["se_gate"] == sum(1 for b in source.model.features if getattr(b, "se", None))
+    assert not {"HardSwish", "HardSigmoid", "ReduceMean"} & {n.op_type for n in model.graph.node}
+    onnx.save(model, str(tmp_path / "rewritten.onnx"))
+    x = torch.randn(8, 3, 32, 32)
+    ref, new = ort_run(ort_session(fp32, 1), x), ort_run(ort_session(tmp_path / "rewritten.onnx", 1), x)
+    assert abs(ref - new).max() < 1e-4
+    int8 = tmp_path / "model.int8.onnx"
+    choice = quantize_static(fp32, int8, [torch.randn(16, 3, 32, 32).numpy()], QuantizeConfig(), "v3_small")
+    assert choice["rewrites"] == counts
+    ops = runtime_ops(int8, 1)
+    # Every activation stays int8: no float h-swish / gate / pooling between the int8 convolutions.
+    assert not {"HardSwish", "HardSigmoid", "Mul", "ReduceMean", "GlobalAveragePool"} & set(ops)
+    assert ops["QLinearConv"] == sum(1 for n in model.graph.node if n.op_type == "Conv")
+
+
 def test_quantize_command_reports_accuracy_size_latency(ckpts: dict[str, Path], tmp_path: Path) -> None:
     q = {**FAST, "calib_size": 32, "repeats": 2, "warmup": 1, "latency_batches": [1, 8]}
     report = run_quantize(config(ckpts["v1"], quantize=q), tmp_path)

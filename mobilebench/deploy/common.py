@@ -175,6 +175,7 @@ def ort_session(path: str | Path, threads: int) -> Any:
     options.intra_op_num_threads = threads
     options.inter_op_num_threads = 1
     options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+    options.log_severity_level = 3  # errors only: its warnings are advice about the graph, not problems
     try:
         return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
     except Exception as err:  # onnxruntime raises its own exception types for unreadable models
@@ -217,6 +218,24 @@ def write_report(run_dir: Path, name: str, report: dict[str, Any]) -> Path:
     path = run_dir / name
     write_json_atomic(path, report, json.dumps(report, indent=2, default=str) + "\n")
     return path
+
+
+def _cpuinfo() -> str:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return f.read()
+    except OSError:
+        return ""
+
+
+def cpu_flags() -> set[str]:
+    """The x86 feature flags of this CPU (empty where /proc/cpuinfo is not available)."""
+    line = next((ln for ln in _cpuinfo().splitlines() if ln.startswith("flags")), "")
+    return set(line.split(":", 1)[-1].split())
+
+
+def cpu_name() -> str | None:
+    return next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith("model name")), None)
 
 
 def mb(n_bytes: int) -> str:

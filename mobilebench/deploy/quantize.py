@@ -28,6 +28,8 @@ from mobilebench.config import Config
 from mobilebench.deploy.common import (
     Source,
     batches,
+    cpu_flags,
+    cpu_name,
     file_bytes,
     load_source,
     mb,
@@ -65,7 +67,9 @@ class QuantizeConfig:
     calib_batch: int = 64
     calib_method: str = "minmax"  # minmax | entropy | percentile
     per_channel: bool = True  # one weight scale per output channel
-    reduce_range: bool = False  # 7-bit weights: avoids u8s8 saturation on AVX2 CPUs without VNNI, costs accuracy
+    # 7-bit weights, avoiding u8s8 overflow on x86 CPUs without VNNI; None: on exactly those CPUs.
+    reduce_range: Optional[bool] = None
+    rewrite: bool = True  # exact rewrites so V3's h-swish, SE gates and pooling run in int8 (deploy/rewrite.py)
     preprocess: bool = False  # run onnxruntime's quant_pre_process (shape inference + graph optimisation) first
     # Node groups kept in float, from: stem, depthwise, se, hardswish, head. None: the measured
     # default for the model family (DEFAULT_EXCLUDE); [] quantizes every op onnxruntime can.
@@ -241,16 +245,51 @@ def _reader(arrays: Iterable[np.ndarray], input_name: str) -> Any:
     return Reader()
 
 
+def resolve_reduce_range(setting: bool | None) -> bool:
+    """7-bit weights where onnxruntime's u8s8 kernels can saturate: x86 CPUs without VNNI (AVX2-only).
+
+    There, the int16 intermediate sums of vpmaddubsw overflow on full-range weights; measured here it
+    cost v3_small 1.6 points of test accuracy, against 0.2 with reduce_range.
+    """
+    if setting is not None:
+        return setting
+    flags = cpu_flags()
+    return bool(flags) and "avx2" in flags and not flags & {"avx512_vnni", "avx_vnni", "amx_int8"}
+
+
+def _checked_rewrite(fp32: Path, out: Path, arrays: list[np.ndarray], exclude_groups: list[str]) -> dict[str, int]:
+    """Write the int8-friendly rewrite of `fp32` to `out`, refusing it unless it computes the same logits."""
+    from mobilebench.deploy.common import ort_run, ort_session
+    from mobilebench.deploy.rewrite import rewrite_for_int8
+
+    onnx = require("onnx")
+    model = onnx.load(str(fp32))
+    counts = rewrite_for_int8(model, se_gate="se" not in exclude_groups, hardswish="hardswish" not in exclude_groups)
+    onnx.save(model, str(out))
+    x = arrays[0][:16]
+    ref, new = ort_run(ort_session(fp32, 1), x), ort_run(ort_session(out, 1), x)
+    diff = float(np.abs(ref - new).max())
+    if diff > 1e-3 * max(1.0, float(np.abs(ref).max())):
+        raise UserError(f"the int8-friendly graph rewrite changed the fp32 logits by {diff:.3g}; run with quantize.rewrite=false")
+    return counts
+
+
 def quantize_static(fp32: Path, out: Path, arrays: list[np.ndarray], cfg: QuantizeConfig, family: str) -> dict[str, Any]:
-    """Write the int8 QDQ model; returns what was excluded and why."""
+    """Write the int8 QDQ model; returns the choices made (exclusions, rewrites, reduce_range)."""
     onnx = require("onnx")
     quantization = require("onnxruntime.quantization")
     exclude_groups = DEFAULT_EXCLUDE.get(family, []) if cfg.exclude is None else list(cfg.exclude)
+    reduce_range = resolve_reduce_range(cfg.reduce_range)
+    rewrites: dict[str, int] = {}
     with tempfile.TemporaryDirectory() as tmp, quiet():
         src = fp32
+        if cfg.rewrite:
+            src = Path(tmp) / "rewritten.onnx"
+            rewrites = _checked_rewrite(fp32, src, arrays, exclude_groups)
         if cfg.preprocess:
-            src = Path(tmp) / "preprocessed.onnx"
-            quantization.quant_pre_process(str(fp32), str(src))
+            pre = Path(tmp) / "preprocessed.onnx"
+            quantization.quant_pre_process(str(src), str(pre))
+            src = pre
         graph = onnx.load(str(src)).graph
         groups = node_groups(graph)
         excluded = sorted({name for g in exclude_groups for name in groups[g]})
@@ -259,14 +298,14 @@ def quantize_static(fp32: Path, out: Path, arrays: list[np.ndarray], cfg: Quanti
                 str(src), str(out), _reader(arrays, graph.input[0].name),
                 quant_format=quantization.QuantFormat.QDQ,
                 activation_type=quantization.QuantType.QUInt8, weight_type=quantization.QuantType.QInt8,
-                per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                per_channel=cfg.per_channel, reduce_range=reduce_range,
                 calibrate_method=getattr(quantization.CalibrationMethod, CALIBRATION[cfg.calib_method]),
                 nodes_to_exclude=excluded, op_types_to_quantize=cfg.op_types,
             )
         except Exception as err:  # onnxruntime's quantizer raises bare Exceptions with useful first lines
             raise UserError(f"static quantization failed: {str(err).strip().splitlines()[0]}") from None
-    return {"exclude_groups": exclude_groups, "excluded_nodes": len(excluded),
-            "op_types": cfg.op_types or "all onnxruntime supports"}
+    return {"exclude_groups": exclude_groups, "excluded_nodes": len(excluded), "reduce_range": reduce_range,
+            "rewrites": rewrites, "op_types": cfg.op_types or "all onnxruntime supports"}
 
 
 # --- reports ----------------------------------------------------------------------------
@@ -329,8 +368,7 @@ def _run_static(source: Source, config: Config, test: Any, cfg: QuantizeConfig, 
         "files": {"fp32": str(fp32), "int8": str(int8)},
         "quantization": {"format": "QDQ", "weights": "int8, per-channel" if cfg.per_channel else "int8, per-tensor",
                          "activations": "uint8, per-tensor", "calibration": cfg.calib_method,
-                         "calib_images": sum(len(a) for a in arrays), "reduce_range": cfg.reduce_range,
-                         "preprocess": cfg.preprocess, **choice},
+                         "calib_images": sum(len(a) for a in arrays), "preprocess": cfg.preprocess, **choice},
         "graph": graph_report, "runtime_ops": runtime_ops(int8, threads),
         "accuracy": {**acc, "drop_points": round((acc["onnx_fp32"] - acc["onnx_int8"]) * 100, 2)},
         "size_bytes": {"before": file_bytes(fp32), "after": file_bytes(int8)},
@@ -388,23 +426,15 @@ def _run_dynamic(source: Source, test: Any, cfg: QuantizeConfig, run_dir: Path) 
 def machine_note() -> dict[str, Any]:
     import os
     import platform
-
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as f:
-            info = f.read()
-        cpu = next((line.split(":", 1)[1].strip() for line in info.splitlines() if line.startswith("model name")), cpu)
-        flags = next((line for line in info.splitlines() if line.startswith("flags")), "")
-        isa = [f for f in ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8") if f" {f}" in flags]
-    except OSError:
-        isa = []
     from importlib.metadata import PackageNotFoundError, version
 
     try:
         ort_version = version("onnxruntime")
     except PackageNotFoundError:
         ort_version = None
-    return {"cpu": cpu, "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__, "onnxruntime": ort_version}
+    isa = sorted(cpu_flags() & {"avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8"})
+    return {"cpu": cpu_name() or platform.machine(), "cores": os.cpu_count(), "isa": isa, "torch": torch.__version__,
+            "onnxruntime": ort_version}
 
 
 def print_quantize(report: dict[str, Any]) -> None:
