@@ -256,5 +256,9 @@ def main(argv: list[str] | None = None) -> None:
 
     import hydra
 
+    if command == "train":
+        from mobilebench.runtime import torchrun_overrides
+
+        overrides += torchrun_overrides()  # torchrun ranks share rank 0's run dir
     sys.argv = [sys.argv[0], *flags, *overrides]
     hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()

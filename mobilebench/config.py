@@ -113,6 +113,7 @@ class TrainerConfig:
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     progress: str = "auto"  # auto|bar|log
     sync_bn: bool = False
+    bn_momentum: Optional[float] = 0.1  # None: each model's own (V3: 0.01)
 
 
 @dataclass
@@ -211,4 +212,6 @@ def validate(cfg: Config) -> None:
     _at_least("trainer.log_every", t.log_every, 1, allow_none=False)
     _at_least("trainer.max_steps_per_epoch", t.max_steps_per_epoch, 1)
     _at_least("trainer.threads", t.threads, 1)
+    if t.bn_momentum is not None and not 0.0 < t.bn_momentum <= 1.0:
+        raise ConfigError(f"trainer.bn_momentum={t.bn_momentum} must be in (0, 1] or null")
     _choice("summary.format", cfg.summary.format, ("table", "json"))

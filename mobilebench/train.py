@@ -62,6 +62,13 @@ def build(cfg: Config, num_classes: int) -> nn.Module:
     return model
 
 
+def set_bn_momentum(model: nn.Module, momentum: float) -> None:
+    """A training choice, not architecture: it changes no weight, only how fast running stats follow."""
+    for module in model.modules():
+        if isinstance(module, nn.modules.batchnorm._BatchNorm):
+            module.momentum = momentum
+
+
 def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
     """Decay only weight matrices and conv kernels: decaying BN scales and biases hurts accuracy."""
     decay = [p for p in model.parameters() if p.requires_grad and p.ndim >= 2]
@@ -278,6 +285,8 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     cfg_dict["data"]["mean"], cfg_dict["data"]["std"] = data.mean, data.std
     args = model_args(cfg, data.num_classes)
     raw = build(cfg, data.num_classes).to(device)
+    if cfg.trainer.bn_momentum is not None:
+        set_bn_momentum(raw, cfg.trainer.bn_momentum)
     if cfg.trainer.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     if cfg.trainer.sync_bn and world.size > 1:
