@@ -1,0 +1,416 @@
+"""`mobilebench bench train`: mobilebench's training path against the standard PyTorch CIFAR pipeline.
+
+Both sides run in one process on the same uint8 images, side by side, in alternating rounds
+(ABBA order) so that load from other processes on a shared machine hits both alike:
+
+(a) data pipeline alone: `TensorLoader` (batched crop/flip on one tensor) against a torch
+    Dataset of PIL images with torchvision's RandomCrop + RandomHorizontalFlip + ToTensor +
+    Normalize in `DataLoader(num_workers=2, shuffle=True)`.
+(b) training steps: the real engine (`engine.train_one_epoch` with `Parts` built as `train.py`
+    builds them, the trainer's defaults: channels_last, precision, compile, threads) against a
+    plain fp32, NCHW, eager loop over that DataLoader with the same model class, initial weights,
+    optimizer, loss and batch size.
+
+Warm-up batches and steps run before every timed chunk and are never timed. The baseline gets
+the benefit of every doubt: images are turned into PIL once up front (torchvision's CIFAR10 does
+it per item) and its workers persist across epochs (no re-spawn cost).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import itertools
+import logging
+import os
+import time
+from collections.abc import Callable, Iterable, Iterator
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Optional
+
+import torch
+from torch import nn
+
+from mobilebench import engine
+from mobilebench.config import Config
+from mobilebench.data import DataSplits, Split, load_data
+from mobilebench.errors import UserError
+from mobilebench.loader import DataLoaderPath, TensorLoader, needs_dataloader
+from mobilebench.runtime import (PRECISION_DTYPES, World, resolve_compile, resolve_device, resolve_precision,
+                                 seed_everything, set_threads)
+
+log = logging.getLogger("mobilebench")
+
+Batch = tuple[torch.Tensor, torch.Tensor]
+
+
+@dataclass
+class BenchSettings:
+    """The `bench.` keys `bench train` reads; keys for `bench latency` are checked there."""
+
+    mode: str = "train"
+    steps: int = 5  # timed training steps per side per round
+    warmup_steps: int = 2  # untimed steps before each timed chunk (compile, allocator, worker queues)
+    data_batches: int = 40  # timed batches per side per round, data pipeline alone
+    data_warmup_batches: int = 4
+    rounds: int = 2  # alternations of mobilebench / baseline; more rounds average out load drift
+    baseline_workers: int = 2  # DataLoader workers of the standard pipeline
+    baseline_threads: Optional[int] = None  # intra-op threads of the baseline; None: torch's default
+    json: str = "bench.json"  # written into the run dir
+
+
+@dataclass
+class Timing:
+    """Images and seconds summed over rounds, plus each round's own rate."""
+
+    images: int = 0
+    seconds: float = 0.0
+    data_s: float = 0.0  # time spent waiting for batches (training only)
+    per_round: list[float] = field(default_factory=list)
+
+    @property
+    def images_per_s(self) -> float:
+        return self.images / max(self.seconds, 1e-9)
+
+    def add(self, images: int, seconds: float, data_s: float = 0.0) -> None:
+        self.images += images
+        self.seconds += seconds
+        self.data_s += data_s
+        self.per_round.append(images / max(seconds, 1e-9))
+
+
+def bench_settings(section: dict[str, Any]) -> BenchSettings:
+    """Type-check the keys this command reads; keys of other bench modes pass through untouched.
+
+    Hydra already rejects overrides of keys missing from conf/bench/default.yaml, so a typo
+    cannot slip past; only the types and ranges of our own keys are left to check here.
+    """
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    names = {f for f in BenchSettings.__dataclass_fields__}
+    mine = {k: v for k, v in section.items() if k in names}
+    try:
+        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchSettings), mine))
+    except OmegaConfBaseException as err:
+        key = getattr(err, "full_key", None) or getattr(err, "key", None)
+        raise UserError(f"bench.{key}: {str(err).splitlines()[0]}" if key else str(err).splitlines()[0]) from None
+    for key in ("steps", "data_batches", "rounds"):
+        if getattr(settings, key) < 1:
+            raise UserError(f"bench.{key}={getattr(settings, key)} is out of range; it must be >= 1")
+    for key in ("warmup_steps", "data_warmup_batches", "baseline_workers"):
+        if getattr(settings, key) < 0:
+            raise UserError(f"bench.{key}={getattr(settings, key)} is out of range; it must be >= 0")
+    if settings.baseline_threads is not None and settings.baseline_threads < 1:
+        raise UserError(f"bench.baseline_threads={settings.baseline_threads} is out of range; it must be >= 1")
+    return settings
+
+
+# --- batch sources -------------------------------------------------------------------------
+
+
+def forever(loader: Iterable[Batch]) -> Iterator[Batch]:
+    """Batches across epoch boundaries, so a chunk may be longer than a (subset) epoch."""
+    while True:
+        yield from loader
+
+
+class Take:
+    """The next `n` batches of a shared iterator, with the `len` that `train_one_epoch` asks for."""
+
+    def __init__(self, source: Iterator[Batch], n: int) -> None:
+        self.source, self.n = source, n
+
+    def __len__(self) -> int:
+        return self.n
+
+    def __iter__(self) -> Iterator[Batch]:
+        return itertools.islice(self.source, self.n)
+
+
+class PILImages(torch.utils.data.Dataset):
+    """A list of PIL images and labels, transformed per item: the torchvision CIFAR10 recipe.
+
+    The images are made once up front rather than per item, which only flatters the baseline.
+    """
+
+    def __init__(self, split: Split, transform: Callable[[Any], torch.Tensor]) -> None:
+        from PIL import Image
+
+        hwc = split.x.permute(0, 2, 3, 1).contiguous().numpy()
+        self.images = [Image.fromarray(a) for a in hwc]
+        self.labels = split.y.tolist()
+        self.transform = transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
+        return self.transform(self.images[i]), self.labels[i]
+
+
+def standard_transform(config: Config, mean: list[float], std: list[float]) -> Callable[[Any], torch.Tensor]:
+    """torchvision's classic per-image pipeline for the same crop and flip as `config.augment`."""
+    from torchvision import transforms
+
+    steps: list[Any] = []
+    if config.augment.crop_padding > 0:
+        steps.append(transforms.RandomCrop(config.data.image_size, padding=config.augment.crop_padding))
+    if config.augment.flip:
+        steps.append(transforms.RandomHorizontalFlip())
+    steps += [transforms.ToTensor(), transforms.Normalize(mean, std)]
+    return transforms.Compose(steps)
+
+
+def standard_loader(config: Config, data: DataSplits, workers: int, seed: int) -> torch.utils.data.DataLoader:
+    dataset = PILImages(data.train, standard_transform(config, data.mean, data.std))
+    return torch.utils.data.DataLoader(
+        dataset, batch_size=config.data.batch_size, shuffle=True, num_workers=workers, drop_last=True,
+        persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
+
+
+def engine_loader(config: Config, data: DataSplits, device: torch.device, gen: torch.Generator) -> Iterable[Batch]:
+    """The training loader exactly as `train.py` chooses and builds it."""
+    if needs_dataloader(config.augment):
+        return DataLoaderPath(data.train, config.data.batch_size, config.augment, data.mean, data.std, device, gen,
+                              num_workers=config.data.num_workers, channels_last=config.trainer.channels_last)
+    return TensorLoader(data.train, config.data.batch_size, config.augment, data.mean, data.std, device, gen,
+                        channels_last=config.trainer.channels_last)
+
+
+# --- the two training sides ----------------------------------------------------------------
+
+
+def engine_parts(config: Config, num_classes: int, device: torch.device, precision: str,
+                 steps_per_epoch: int) -> engine.Parts:
+    """Model, optimizer, scheduler and loss built with train.py's own functions and defaults."""
+    from mobilebench.train import build, build_optimizer, build_scheduler, scaled_lr
+
+    raw = build(config, num_classes).to(device)
+    if config.trainer.channels_last:
+        raw = raw.to(memory_format=torch.channels_last)
+    model: nn.Module = torch.compile(raw) if resolve_compile(config.trainer.compile, device) else raw
+    lr = scaled_lr(config, World())
+    optimizer = build_optimizer(config, raw, lr)
+    return engine.Parts(
+        model=model, optimizer=optimizer, scheduler=build_scheduler(config, optimizer, lr, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing), device=device,
+        amp_dtype=PRECISION_DTYPES[precision], grad_clip=config.trainer.grad_clip)
+
+
+class EngineSide:
+    """Timed chunks of `engine.train_one_epoch` on the engine's own batches."""
+
+    def __init__(self, parts: engine.Parts, batches: Iterator[Batch]) -> None:
+        self.parts, self.batches = parts, batches
+        self.state, self.stop = engine.TrainState(), engine.StopFlag()  # StopFlag unentered: no signal handlers
+
+    def run(self, steps: int) -> engine.EpochStats:
+        return engine.train_one_epoch(self.parts, Take(self.batches, steps), self.state, self.stop, lambda info: None)
+
+
+class BaselineSide:
+    """The tutorial loop: fp32, NCHW, eager, batches straight from the DataLoader."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, loss_fn: nn.Module,
+                 batches: Iterator[Batch], device: torch.device) -> None:
+        self.model, self.optimizer, self.loss_fn, self.batches, self.device = model, optimizer, loss_fn, batches, device
+
+    def run(self, steps: int) -> engine.EpochStats:
+        self.model.train()
+        images, data_s, loss_sum = 0, 0.0, 0.0
+        t_start = time.perf_counter()
+        for _ in range(steps):
+            t0 = time.perf_counter()
+            x, y = next(self.batches)
+            x, y = x.to(self.device), y.to(self.device)
+            data_s += time.perf_counter() - t0
+            self.optimizer.zero_grad()
+            loss = self.loss_fn(self.model(x), y)
+            loss.backward()
+            self.optimizer.step()
+            loss_sum += loss.item()  # the tutorial's running loss; also what the engine syncs on
+            images += y.shape[0]
+        seconds = time.perf_counter() - t_start
+        return engine.EpochStats(loss_sum / max(steps, 1), 0.0, images, seconds, data_s)
+
+
+def time_batches(batches: Iterator[Batch], n: int, device: torch.device) -> tuple[int, float]:
+    """Images and seconds to draw `n` batches (synchronizing an accelerator at the end)."""
+    images = 0
+    t0 = time.perf_counter()
+    for x, _ in itertools.islice(batches, n):
+        images += x.shape[0]
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return images, time.perf_counter() - t0
+
+
+def alternate(rounds: int, first: Callable[[], None], second: Callable[[], None]) -> None:
+    """ABBA order: a steady drift in machine load biases neither side."""
+    for r in range(rounds):
+        for fn in ((first, second) if r % 2 == 0 else (second, first)):
+            fn()
+
+
+# --- report --------------------------------------------------------------------------------
+
+
+def ratio(a: float, b: float) -> float:
+    return a / b if b > 0 else float("inf")
+
+
+def print_table(result: dict[str, Any]) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    r = result
+    title = (f"bench train: {r['model']} ({r['stem']} stem, width {r['width_mult']}) on {r['data']}, "
+             f"batch {r['batch_size']}")
+    table = Table(title=title, show_header=True)
+    for col in ("images/s", "mobilebench", "standard PyTorch", "ratio"):
+        table.add_column(col, justify="left" if col == "images/s" else "right")
+    table.add_row("data pipeline alone", f"{r['data_images_per_s']:,.0f}", f"{r['data_baseline_images_per_s']:,.0f}",
+                  f"{r['data_ratio']:.1f}x")
+    table.add_row("training steps", f"{r['train_images_per_s']:,.1f}", f"{r['train_baseline_images_per_s']:,.1f}",
+                  f"{r['train_ratio']:.2f}x")
+    console = Console()
+    console.print(table)
+    console.print(
+        f"mobilebench: {r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}, "
+        f"{r['threads']} threads; baseline: fp32, NCHW, eager, DataLoader(num_workers={r['baseline_workers']}), "
+        f"{r['baseline_threads']} threads. {r['device']}, torch {r['torch']}, load average {r['load_average']}.")
+    console.print(f"Time waiting for data during training: mobilebench {100 * r['train_data_share']:.0f}%, "
+                  f"baseline {100 * r['train_baseline_data_share']:.0f}%.")
+
+
+def _load_average() -> list[float] | None:
+    try:
+        return [round(v, 2) for v in os.getloadavg()]
+    except OSError:
+        return None
+
+
+# --- the command ---------------------------------------------------------------------------
+
+
+def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
+    """Measure (a) and (b), print the table, write `bench.json` into `run_dir`; returns its content."""
+    from mobilebench.train import write_json_atomic
+
+    settings = bench_settings(config.bench)
+    initial_threads = torch.get_num_threads()  # torch's default unless an earlier in-process run changed it
+    baseline_threads = settings.baseline_threads or initial_threads
+    set_threads(config.trainer.threads)
+    threads = torch.get_num_threads()
+    device = resolve_device(config.trainer.device)
+    precision = resolve_precision(config.trainer.precision, device)
+    seed_everything(config.trainer.seed)
+    load_start = _load_average()
+    data = load_data(config.data)
+    if len(data.train) < config.data.batch_size:
+        raise UserError(f"bench needs at least one full batch: {len(data.train)} training images < "
+                        f"data.batch_size={config.data.batch_size}; raise data.train_subset or lower data.batch_size")
+    try:
+        timings = measure(config, settings, data, device, precision, threads, baseline_threads)
+    finally:
+        torch.set_num_threads(initial_threads)
+    result = {
+        "model": config.model.name, "width_mult": config.model.width_mult, "stem": config.model.stem,
+        "data": config.data.name, "train_images": len(data.train), "batch_size": config.data.batch_size,
+        "augment": {"crop_padding": config.augment.crop_padding, "flip": config.augment.flip,
+                    "cutout": config.augment.cutout},
+        "optimizer": config.optimizer.name,
+        **summarize(*timings),
+        "device": _device_name(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "cpu_count": os.cpu_count(), "precision": precision, "channels_last": config.trainer.channels_last,
+        "compile": resolve_compile(config.trainer.compile, device), "threads": threads,
+        "baseline_threads": baseline_threads, "baseline_workers": settings.baseline_workers,
+        "torch": torch.__version__, "load_average": load_start, "load_average_end": _load_average(),
+        "settings": asdict(settings),
+    }
+    run_dir.mkdir(parents=True, exist_ok=True)
+    write_json_atomic(run_dir / settings.json, result)
+    print_table(result)
+    return result
+
+
+def measure(config: Config, settings: BenchSettings, data: DataSplits, device: torch.device, precision: str,
+            threads: int, baseline_threads: int) -> tuple[Timing, Timing, Timing, Timing]:
+    """(data ours, data baseline, train ours, train baseline), each side at its own thread count."""
+    from mobilebench.train import build, build_optimizer, scaled_lr
+
+    seed = config.trainer.seed
+    our_loader = engine_loader(config, data, device, torch.Generator().manual_seed(seed))
+    ours = forever(our_loader)
+    theirs = forever(standard_loader(config, data, settings.baseline_workers, seed))
+
+    data_ours, data_theirs = Timing(), Timing()
+
+    def data_chunk(batches: Iterator[Batch], timing: Timing, n_threads: int) -> Callable[[], None]:
+        def chunk() -> None:
+            torch.set_num_threads(n_threads)
+            for _ in itertools.islice(batches, settings.data_warmup_batches):
+                pass
+            timing.add(*time_batches(batches, settings.data_batches, device))
+        return chunk
+
+    log.info("data pipeline: %d rounds of %d batches per side", settings.rounds, settings.data_batches)
+    alternate(settings.rounds, data_chunk(ours, data_ours, threads), data_chunk(theirs, data_theirs, baseline_threads))
+
+    # Both models start from the same weights.
+    torch.manual_seed(seed)
+    ours_side = EngineSide(engine_parts(config, data.num_classes, device, precision, len(our_loader)), ours)
+    torch.manual_seed(seed)
+    base_model = build(config, data.num_classes).to(device)
+    theirs_side = BaselineSide(base_model, build_optimizer(config, base_model, scaled_lr(config, World())),
+                               nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing), theirs, device)
+    train_ours, train_theirs = Timing(), Timing()
+
+    def train_chunk(side: EngineSide | BaselineSide, timing: Timing, n_threads: int, name: str) -> Callable[[], None]:
+        def chunk() -> None:
+            torch.set_num_threads(n_threads)
+            if settings.warmup_steps:
+                side.run(settings.warmup_steps)
+            stats = side.run(settings.steps)
+            timing.add(stats.images, stats.seconds, stats.data_s)
+            log.info("%s: %d steps, %.1f images/s (loss %.3f)", name, settings.steps, stats.images_per_s, stats.loss)
+        return chunk
+
+    log.info("training: %d rounds of %d steps per side (+%d warm-up each)", settings.rounds, settings.steps,
+             settings.warmup_steps)
+    alternate(settings.rounds, train_chunk(ours_side, train_ours, threads, "mobilebench"),
+              train_chunk(theirs_side, train_theirs, baseline_threads, "baseline"))
+    return data_ours, data_theirs, train_ours, train_theirs
+
+
+def summarize(data_ours: Timing, data_theirs: Timing, train_ours: Timing, train_theirs: Timing) -> dict[str, Any]:
+    return {
+        "data_images_per_s": data_ours.images_per_s, "data_baseline_images_per_s": data_theirs.images_per_s,
+        "data_ratio": ratio(data_ours.images_per_s, data_theirs.images_per_s),
+        "train_images_per_s": train_ours.images_per_s, "train_baseline_images_per_s": train_theirs.images_per_s,
+        "train_ratio": ratio(train_ours.images_per_s, train_theirs.images_per_s),
+        "train_data_share": train_ours.data_s / max(train_ours.seconds, 1e-9),
+        "train_baseline_data_share": train_theirs.data_s / max(train_theirs.seconds, 1e-9),
+        "rounds": {"data": data_ours.per_round, "data_baseline": data_theirs.per_round,
+                   "train": train_ours.per_round, "train_baseline": train_theirs.per_round},
+    }
+
+
+def _device_name(device: torch.device) -> str:
+    if device.type == "cuda":
+        return f"cuda:{torch.cuda.get_device_name(device)}"
+    if device.type == "cpu":
+        return f"cpu:{_cpu_model()}"
+    return device.type
+
+
+def _cpu_model() -> str:
+    import platform
+
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    return platform.processor() or platform.machine()

@@ -1,0 +1,81 @@
+"""`mobilebench bench train`: a tiny synthetic run writes a complete bench.json (no timing claims)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from mobilebench.bench import BenchSettings, PILImages, bench_settings, standard_transform
+from mobilebench.cli import main
+from mobilebench.config import AugmentConfig
+from mobilebench.data import Split
+from mobilebench.errors import UserError
+from mobilebench.loader import TensorLoader
+
+from .conftest import compose_config
+
+TINY_BENCH = [
+    "model=v3_small", "model.width_mult=0.25", "data=synthetic", "data.train_subset=96", "data.val_size=16",
+    "data.test_subset=16", "data.batch_size=32", "trainer.threads=1", "bench.steps=2", "bench.warmup_steps=1",
+    "bench.data_batches=3", "bench.data_warmup_batches=1", "bench.rounds=2",
+    "bench.baseline_threads=1",  # two spinning OpenMP threads crawl on a busy 2-core machine
+]
+
+
+def test_bench_train_writes_both_figures_and_ratios(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    main(["bench", "train", *TINY_BENCH, f"hydra.run.dir={tmp_path}/run"])
+    result = json.loads((tmp_path / "run" / "bench.json").read_text())
+    figures = ("data_images_per_s", "data_baseline_images_per_s", "train_images_per_s", "train_baseline_images_per_s")
+    for key in (*figures, "data_ratio", "train_ratio"):
+        assert isinstance(result[key], float) and math.isfinite(result[key]) and result[key] > 0, key
+    assert result["data_ratio"] == pytest.approx(result["data_images_per_s"] / result["data_baseline_images_per_s"])
+    assert result["train_ratio"] == pytest.approx(result["train_images_per_s"] / result["train_baseline_images_per_s"])
+    assert result["threads"] == 1 and result["baseline_threads"] == 1 and result["torch"] == torch.__version__
+    assert result["device"].startswith("cpu") and result["precision"] in ("fp32", "bf16")
+    assert result["model"] == "v3_small" and result["batch_size"] == 32 and result["baseline_workers"] == 2
+    assert len(result["rounds"]["train"]) == len(result["rounds"]["train_baseline"]) == 2
+    out = capsys.readouterr().out
+    assert "data pipeline alone" in out and "training steps" in out
+
+
+def test_bench_settings_type_check_own_keys_and_pass_latency_keys() -> None:
+    settings = bench_settings({"mode": "train", "steps": 5, "batch_sizes": [1, 32], "repeats": 50, "future_key": "x"})
+    assert settings == BenchSettings(steps=5)
+    with pytest.raises(UserError, match="bench.steps"):
+        bench_settings({"steps": "many"})
+    with pytest.raises(UserError, match=r"bench.rounds=0 is out of range"):
+        bench_settings({"rounds": 0})
+
+
+def test_default_bench_config_is_valid_and_keeps_latency_placeholders() -> None:
+    config, _ = compose_config(["command=bench"])
+    assert bench_settings(config.bench) == BenchSettings()
+    assert config.bench["batch_sizes"] == [1, 32] and config.bench["repeats"] == 50
+
+
+def test_bad_bench_value_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:
+    with pytest.raises(SystemExit) as exit_info:
+        main(["bench", "train", *TINY_BENCH, "bench.steps=0", f"hydra.run.dir={tmp_path}/run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err == "mobilebench: error: bench.steps=0 is out of range; it must be >= 1"
+
+
+def test_baseline_sees_the_same_images_as_the_engine() -> None:
+    """Without crop and flip both pipelines must hand the model identical normalized tensors."""
+    gen = torch.Generator().manual_seed(0)
+    split = Split(torch.randint(0, 256, (8, 3, 32, 32), dtype=torch.uint8, generator=gen), torch.arange(8))
+    mean, std = [0.4, 0.5, 0.6], [0.2, 0.25, 0.3]
+    config, _ = compose_config(["augment=none"])
+    dataset = PILImages(split, standard_transform(config, mean, std))
+    ours = TensorLoader(split, 8, AugmentConfig(crop_padding=0, flip=False), mean, std, torch.device("cpu"), gen,
+                        channels_last=False)
+    x, y = next(iter(ours))
+    for img, label in zip(x, y):
+        theirs, their_label = dataset[int(label)]
+        assert their_label == int(label)
+        torch.testing.assert_close(img, theirs, atol=1e-5, rtol=1e-5)
