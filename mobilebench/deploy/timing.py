@@ -1,12 +1,16 @@
 """Wall-clock latency of several runners measured side by side.
 
-The runners are called round-robin (one call each per round) rather than one after another, so a
-burst of load from another process slows all of them alike and the ratios between them stay
-meaningful on a shared machine.
+The runners take turns in rounds (A B C, A B C, ...), each turn a chunk of calls, so a burst of load
+from another process slows all of them alike and the ratios between them stay meaningful on a shared
+machine. Turns are chunks rather than single calls because PyTorch's OpenMP threads and
+onnxruntime's thread pool both spin for a while after finishing: alternating call by call makes
+each runner compete with the other's spinning threads, which on 2 cores inflated PyTorch's batch-32
+latency tenfold. The first call of every turn is untimed for the same reason.
 """
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Callable
 from typing import Any
@@ -14,17 +18,22 @@ from typing import Any
 import numpy as np
 
 
-def time_interleaved(runners: dict[str, Callable[[], Any]], warmup: int, repeats: int) -> dict[str, list[float]]:
-    """Seconds per call of each runner: `warmup` untimed calls each, then `repeats` timed rounds."""
+def time_interleaved(runners: dict[str, Callable[[], Any]], warmup: int, repeats: int,
+                     rounds: int = 5) -> dict[str, list[float]]:
+    """Seconds per call of each runner: `warmup` untimed calls each, then `repeats` timed calls in `rounds` turns."""
     for run in runners.values():
         for _ in range(warmup):
             run()
+    rounds = max(1, min(rounds, repeats))
+    chunk = math.ceil(repeats / rounds)
     times: dict[str, list[float]] = {name: [] for name in runners}
-    for _ in range(repeats):
+    for _ in range(rounds):
         for name, run in runners.items():
-            t0 = time.perf_counter()
-            run()
-            times[name].append(time.perf_counter() - t0)
+            run()  # settles this runner's thread pool after the previous runner's turn
+            for _ in range(min(chunk, repeats - len(times[name]))):
+                t0 = time.perf_counter()
+                run()
+                times[name].append(time.perf_counter() - t0)
     return times
 
 
