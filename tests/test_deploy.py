@@ -253,6 +253,9 @@ def test_l1_unstructured_is_permanent(ckpts: dict[str, Path], tmp_path: Path) ->
     report = run_prune(config(ckpts["v2"], prune={"method": "l1_unstructured", "amount": 0.4}), {}, tmp_path)
     assert report["sparsity"]["conv_linear_weights"] == pytest.approx(0.4, abs=0.01)
     assert report["after"]["params"] == report["before"]["params"]  # same shapes: nothing got smaller
+    # BN statistics are re-estimated on the pruned and, for a fair comparison, on the unpruned model.
+    assert report["before"]["test_acc_bn_recalibrated"] is not None
+    assert report["after"]["test_acc"] == report["after_pruning"]["test_acc_bn_recalibrated"]
     state = torch.load(tmp_path / "pruned.pt", weights_only=True)["model"]
     assert not any(k.endswith(("weight_orig", "weight_mask")) for k in state)
     assert load_model(tmp_path / "pruned.pt")(torch.randn(1, 3, 32, 32)).shape == (1, 10)
