@@ -20,6 +20,7 @@ from torch import nn
 from mobilebench.errors import UserError
 
 FORMAT_VERSION = 1
+_CODE_SIGNS = ("GLOBAL", "allowlist", "call reduce")
 
 
 class CheckpointError(UserError):
@@ -41,6 +42,11 @@ def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
     except OSError as err:
         tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; free disk space or pick a writable hydra.run.dir") from None
+    except BaseException:
+        # Any other failure mid-write (a pickling error, a second Ctrl-C) must not leave a
+        # half-written temp file beside the intact checkpoint.
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _fsync_dir(folder: Path) -> None:
@@ -63,12 +69,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     try:
         blob = torch.load(path, map_location=map_location, weights_only=True)
     except pickle.UnpicklingError as err:
-        if "weights_only" in str(err) or "Unsupported global" in str(err):
+        # Every weights_only failure mentions weights_only, garbage bytes included; only these
+        # say the file asked for a Python global or callable, i.e. it carries code.
+        if any(sign in str(err) for sign in _CODE_SIGNS):
             raise CheckpointError(
                 f"checkpoint {path} contains pickled Python objects that could run code; refused "
                 "(mobilebench checkpoints hold only tensors and plain types)"
             ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt ({err}); use another checkpoint") from None
+        raise CheckpointError(f"checkpoint {path} is corrupt ({_unpickle_reason(err)}); use another checkpoint") from None
     except (RuntimeError, EOFError, zipfile.BadZipFile, ValueError, OSError) as err:
         first = str(err).splitlines()[0] if str(err) else type(err).__name__
         raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({first}); use another checkpoint, e.g. last.pt instead of best.pt") from None
@@ -80,6 +88,14 @@ def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
             f"checkpoint {path} has format version {version}, newer than this mobilebench reads ({FORMAT_VERSION}); upgrade mobilebench"
         )
     return blob
+
+
+def _unpickle_reason(err: Exception) -> str:
+    """The unpickler's own reason, without torch's advice to retry with weights_only=False."""
+    text = str(err)
+    _, marker, rest = text.partition("WeightsUnpickler error:")
+    lines = [line.strip() for line in (rest if marker else text).splitlines() if line.strip()]
+    return lines[0] if lines else type(err).__name__
 
 
 def inference_state_dict(blob: dict[str, Any]) -> dict[str, torch.Tensor]:
