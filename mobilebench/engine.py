@@ -99,6 +99,7 @@ class StopFlag:
 
     def __init__(self) -> None:
         self.signum: int | None = None
+        self._exiting = False
         self._previous: dict[int, Any] = {}
 
     def __enter__(self) -> StopFlag:
@@ -110,11 +111,15 @@ class StopFlag:
         return self
 
     def __exit__(self, *exc: object) -> None:
+        if self._exiting:
+            return  # keep ignoring Ctrl-C: restoring Python's handler would turn a third press into a traceback at exit
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 
     def _handle(self, signum: int, frame: object) -> None:
         if self.signum is not None and signum == signal.SIGINT:
+            self._exiting = True
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
             sys.stderr.write("\nmobilebench: second interrupt, exiting without saving\n")
             raise SystemExit(130)
         self.signum = signum
