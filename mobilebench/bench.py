@@ -11,9 +11,11 @@ Both sides run in one process on the same uint8 images, side by side, in alterna
     plain fp32, NCHW, eager loop over that DataLoader with the same model class, initial weights,
     optimizer, loss and batch size.
 
-Warm-up batches and steps run before every timed chunk and are never timed. The baseline gets
-the benefit of every doubt: images are turned into PIL once up front (torchvision's CIFAR10 does
-it per item) and its workers persist across epochs (no re-spawn cost).
+Warm-up batches and steps run before every timed chunk and are never timed; after each baseline
+chunk the bench waits for its workers to refill their prefetch queues, so their work never lands
+in mobilebench's timing. The baseline gets the benefit of every doubt: images are turned into
+PIL once up front (torchvision's CIFAR10 does it per item) and its workers persist across
+epochs (no re-spawn cost).
 """
 
 from __future__ import annotations
@@ -247,6 +249,13 @@ def time_batches(batches: Iterator[Batch], n: int, device: torch.device) -> tupl
     return images, time.perf_counter() - t0
 
 
+def settle(workers: int, batch_size: int, images_per_s: float) -> None:
+    """Wait while the baseline's workers refill their prefetch queues (2 batches each, DataLoader's
+    default), so that work does not run during the other side's next timed chunk."""
+    if workers > 0 and images_per_s > 0:
+        time.sleep(min(10.0, 1.5 * 2 * workers * batch_size / images_per_s))
+
+
 def alternate(rounds: int, first: Callable[[], None], second: Callable[[], None]) -> None:
     """ABBA order: a steady drift in machine load biases neither side."""
     for r in range(rounds):
@@ -348,16 +357,21 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
 
     data_ours, data_theirs = Timing(), Timing()
 
-    def data_chunk(batches: Iterator[Batch], timing: Timing, n_threads: int) -> Callable[[], None]:
+    workers, batch_size = settings.baseline_workers, config.data.batch_size
+
+    def data_chunk(batches: Iterator[Batch], timing: Timing, n_threads: int, baseline: bool) -> Callable[[], None]:
         def chunk() -> None:
             torch.set_num_threads(n_threads)
             for _ in itertools.islice(batches, settings.data_warmup_batches):
                 pass
             timing.add(*time_batches(batches, settings.data_batches, device))
+            if baseline:
+                settle(workers, batch_size, timing.per_round[-1])
         return chunk
 
     log.info("data pipeline: %d rounds of %d batches per side", settings.rounds, settings.data_batches)
-    alternate(settings.rounds, data_chunk(ours, data_ours, threads), data_chunk(theirs, data_theirs, baseline_threads))
+    alternate(settings.rounds, data_chunk(ours, data_ours, threads, False),
+              data_chunk(theirs, data_theirs, baseline_threads, True))
 
     # Both models start from the same weights.
     torch.manual_seed(seed)
@@ -376,6 +390,8 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
             stats = side.run(settings.steps)
             timing.add(stats.images, stats.seconds, stats.data_s)
             log.info("%s: %d steps, %.1f images/s (loss %.3f)", name, settings.steps, stats.images_per_s, stats.loss)
+            if side is theirs_side:
+                settle(workers, batch_size, data_theirs.images_per_s)
         return chunk
 
     log.info("training: %d rounds of %d steps per side (+%d warm-up each)", settings.rounds, settings.steps,
