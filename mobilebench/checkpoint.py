@@ -114,8 +114,8 @@ def load_weights(model: nn.Module, state_dict: dict[str, torch.Tensor], path: st
         raise CheckpointError(f"checkpoint {path} does not fit the model it names ({detail})") from None
 
 
-def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
-    """Rebuild the model from the config stored in the checkpoint and load its weights (EMA when present)."""
+def load_model_and_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> tuple[nn.Module, dict[str, Any]]:
+    """The rebuilt model (eval mode, EMA weights when present) and the checkpoint it came from."""
     from mobilebench.models import build_model
 
     blob = load_checkpoint(path, map_location)
@@ -124,4 +124,9 @@ def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn
     except (TypeError, ValueError) as err:
         raise CheckpointError(f"checkpoint {path} names a model this version cannot build ({err})") from None
     load_weights(model, inference_state_dict(blob), path)
-    return model.to(map_location).eval()
+    return model.to(map_location).eval(), blob
+
+
+def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
+    """Rebuild the model from the config stored in the checkpoint and load its weights (EMA when present)."""
+    return load_model_and_checkpoint(path, map_location)[0]

@@ -9,7 +9,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from mobilebench.checkpoint import CheckpointError, inference_state_dict, load_checkpoint, load_weights
+from mobilebench.checkpoint import load_model_and_checkpoint
 from mobilebench.config import Config, DataConfig
 from mobilebench.data import load_data
 from mobilebench.engine import EvalResult, evaluate
@@ -25,15 +25,7 @@ def checkpoint_data_config(blob: dict[str, Any]) -> DataConfig:
 
 
 def load_eval_model(path: str | Path, device: torch.device, channels_last: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    from mobilebench.models import build_model
-
-    blob = load_checkpoint(path, device)
-    try:
-        model = build_model(**blob["model_args"])
-    except (TypeError, ValueError) as err:
-        raise CheckpointError(f"checkpoint {path} names a model this version cannot build ({err})") from None
-    load_weights(model, inference_state_dict(blob), path)
-    model = model.to(device).eval()
+    model, blob = load_model_and_checkpoint(path, device)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
     return model, blob
