@@ -39,7 +39,7 @@ class LatencyConfig:
     """The `bench.*` keys the latency mode reads; the keys of `bench train` are left to it."""
 
     batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    repeats: int = 50  # timed calls per backend and batch size (interleaved round-robin)
+    repeats: int = 50  # timed calls per backend and batch size, in 5 rounds with the backends taking turns
     warmup: int = 5  # untimed calls first
     threads: Optional[int] = None  # intra-op threads for PyTorch and onnxruntime; None: trainer.threads, else PyTorch's default
     backends: list[str] = field(default_factory=lambda: list(BACKENDS))
@@ -115,7 +115,8 @@ def run_latency(config: Config, run_dir: Path, use_checkpoint_data: bool = True)
         "checkpoint": source.checkpoint or "random weights", "input_shape": [3, source.image_size, source.image_size],
         "threads": {"pytorch_intra_op": torch.get_num_threads(), "onnxruntime_intra_op": threads, "onnxruntime_inter_op": 1},
         "batch_sizes": cfg.batch_sizes, "warmup": cfg.warmup, "repeats": cfg.repeats,
-        "method": "wall clock per batch; backends called round-robin so load from other processes hits all alike",
+        "method": ("wall clock per batch; backends take turns in 5 rounds of chunks (first call of each turn untimed), "
+                   "so load from other processes hits all of them alike"),
         "results": results, "speedup": speedups(results), "built": built,
         "machine": {**machine_note(), "python": platform.python_version()},
     }
