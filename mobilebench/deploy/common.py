@@ -104,9 +104,9 @@ def need_checkpoint(config: Config, usage: str) -> str:
 
 def load_source(path: str) -> Source:
     """The checkpoint's model (EMA weights when kept) in eval mode on the CPU; one-line errors."""
-    from mobilebench.evaluation import load_eval_model
+    from mobilebench.checkpoint import load_model_and_checkpoint
 
-    model, blob = load_eval_model(path, torch.device("cpu"))
+    model, blob = load_model_and_checkpoint(path, "cpu")
     stats = blob.get("data") or {}
     resize = (blob.get("config") or {}).get("augment", {}).get("resize")
     size = int(resize or stats.get("image_size") or 32)
