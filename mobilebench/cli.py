@@ -187,11 +187,15 @@ def _train(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides
     return run_train(config, cfg_dict, run_dir, multirun)
 
 
+def _data_overridden(overrides: list[str]) -> bool:
+    """Commands on a checkpoint use its training data unless the user names other data."""
+    return any(o.lstrip("+~").startswith("data") for o in overrides)
+
+
 def _eval(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> float:
     from mobilebench.evaluation import run_eval
 
-    data_overridden = any(o.lstrip("+~").startswith("data") for o in overrides)
-    return run_eval(config, run_dir, use_checkpoint_data=not data_overridden)
+    return run_eval(config, run_dir, use_checkpoint_data=not _data_overridden(overrides))
 
 
 def _summary(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> None:
@@ -204,7 +208,7 @@ def _bench(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides
     if config.bench.get("mode") == "latency":
         from mobilebench.deploy.latency import run_latency
 
-        return run_latency(config, run_dir)
+        return run_latency(config, run_dir, use_checkpoint_data=not _data_overridden(overrides))
     from mobilebench.bench import run_bench_train
 
     return run_bench_train(config, run_dir)
@@ -213,19 +217,19 @@ def _bench(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides
 def _export(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> Any:
     from mobilebench.deploy.export import run_export
 
-    return run_export(config, run_dir)
+    return run_export(config, run_dir, use_checkpoint_data=not _data_overridden(overrides))
 
 
 def _quantize(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> Any:
     from mobilebench.deploy.quantize import run_quantize
 
-    return run_quantize(config, run_dir)
+    return run_quantize(config, run_dir, use_checkpoint_data=not _data_overridden(overrides))
 
 
 def _prune(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> Any:
     from mobilebench.deploy.prune import run_prune
 
-    return run_prune(config, cfg_dict, run_dir)
+    return run_prune(config, cfg_dict, run_dir, use_checkpoint_data=not _data_overridden(overrides))
 
 
 COMMANDS: dict[str, Callable[..., Any]] = {"train": _train, "eval": _eval, "summary": _summary, "bench": _bench,
