@@ -26,26 +26,42 @@ def needs_dataloader(aug: AugmentConfig) -> bool:
 
 
 def normalize(x: torch.Tensor, mean: torch.Tensor, std: torch.Tensor, channels_last: bool) -> torch.Tensor:
-    """uint8 [B, 3, H, W] -> normalized float32, optionally in channels_last memory format."""
-    x = x.float().div_(255).sub_(mean).div_(std)
-    return x.contiguous(memory_format=torch.channels_last) if channels_last else x
+    """uint8 [B, 3, H, W] -> normalized float32, optionally in channels_last memory format.
+
+    One multiply and one add against per-pixel scale/shift planes laid out like the batch, so the
+    loops stay contiguous and vectorized in either layout (a [1, 3, 1, 1] operand on an NHWC
+    batch is a stride-3 inner loop, several times slower).
+    """
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    x = x.to(torch.float32, memory_format=fmt)  # free of a transpose when x is already in `fmt`
+    plane = (1, x.shape[1], *x.shape[2:])
+    scale = (1 / (255 * std)).expand(plane).contiguous(memory_format=fmt)
+    shift = (-mean / std).expand(plane).contiguous(memory_format=fmt)
+    return x.mul_(scale).add_(shift)
 
 
 def random_crop(x: torch.Tensor, padding: int, gen: torch.Generator) -> torch.Tensor:
-    """Zero-padded random crop back to the input size, one offset per image."""
+    """Zero-padded random crop back to the input size, one offset per image; returns channels_last.
+
+    In NHWC a crop is H runs of W*C contiguous bytes, so every (dy, dx) window of every padded
+    image is one strided view and a single indexing op copies out each image's window.
+    """
     b, c, h, w = x.shape
-    padded = F.pad(x, (padding, padding, padding, padding))
-    dy = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
-    dx = torch.randint(0, 2 * padding + 1, (b,), generator=gen).to(x.device)
-    rows = (dy[:, None] + torch.arange(h, device=x.device))[:, None, :, None]  # [B, 1, H, 1]
-    cols = (dx[:, None] + torch.arange(w, device=x.device))[:, None, None, :]  # [B, 1, 1, W]
-    padded = padded.gather(2, rows.expand(b, c, h, w + 2 * padding))
-    return padded.gather(3, cols.expand(b, c, h, w))
+    padded = F.pad(x.permute(0, 2, 3, 1), (0, 0, padding, padding, padding, padding)).contiguous()
+    n = 2 * padding + 1
+    s = padded.stride()
+    windows = padded.as_strided((b, n, n, h, w * c), (s[0], s[1], s[2], s[1], 1))
+    dy = torch.randint(0, n, (b,), generator=gen).to(x.device)
+    dx = torch.randint(0, n, (b,), generator=gen).to(x.device)
+    out = windows[torch.arange(b, device=x.device), dy, dx]  # [B, H, W*C]
+    return out.view(b, h, w, c).permute(0, 3, 1, 2)
 
 
 def random_flip(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     flip = (torch.rand(x.shape[0], generator=gen) < 0.5).to(x.device)
-    return torch.where(flip[:, None, None, None], x.flip(3), x)
+    out = x.clone()  # keeps the memory format
+    out[flip] = x[flip].flip(3)  # only the flipped half is copied twice (torch.where copies all)
+    return out
 
 
 def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
@@ -80,7 +96,9 @@ class TensorLoader:
     def __init__(self, split: Split, batch_size: int, aug: AugmentConfig, mean: list[float], std: list[float],
                  device: torch.device, gen: torch.Generator, channels_last: bool = True,
                  shard: tuple[int, int] = (0, 1)) -> None:
-        self.x, self.y = split.x.to(device), split.y.to(device)
+        # Kept as NHWC: a batch is one contiguous row gather, crops copy whole pixel rows, and
+        # batches come out channels_last with no transposing copy.
+        self.x_nhwc, self.y = split.x.to(device).permute(0, 2, 3, 1).contiguous(), split.y.to(device)
         self.batch_size, self.aug, self.gen, self.channels_last = batch_size, aug, gen, channels_last
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1)
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1)
@@ -95,10 +113,11 @@ class TensorLoader:
     def __iter__(self) -> Iterator[Batch]:
         # Every rank draws the same permutation and takes its own strided shard.
         order = torch.randperm(len(self.y), generator=self.gen)[self.rank :: self.world][: self.per_rank]
-        order = order.to(self.x.device)
+        order = order.to(self.y.device)
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
-            x = augment_batch(self.x[idx], self.aug, self.gen)
+            x = self.x_nhwc.index_select(0, idx).permute(0, 3, 1, 2)  # NCHW view, channels_last memory
+            x = augment_batch(x, self.aug, self.gen)
             yield normalize(x, self.mean, self.std, self.channels_last), self.y[idx]
 
 
