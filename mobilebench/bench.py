@@ -37,8 +37,7 @@ from mobilebench import engine
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, Split, load_data
 from mobilebench.errors import UserError
-from mobilebench.loader import DataLoaderPath, TensorLoader, needs_dataloader
-from mobilebench.runtime import (PRECISION_DTYPES, World, resolve_compile, resolve_device, resolve_precision,
+from mobilebench.runtime import (World, resolve_compile, resolve_device, resolve_precision,
                                  seed_everything, set_threads)
 
 log = logging.getLogger("mobilebench")
@@ -173,11 +172,9 @@ def standard_loader(config: Config, data: DataSplits, workers: int, seed: int) -
 
 def engine_loader(config: Config, data: DataSplits, device: torch.device, gen: torch.Generator) -> Iterable[Batch]:
     """The training loader exactly as `train.py` chooses and builds it."""
-    if needs_dataloader(config.augment):
-        return DataLoaderPath(data.train, config.data.batch_size, config.augment, data.mean, data.std, device, gen,
-                              num_workers=config.data.num_workers, channels_last=config.trainer.channels_last)
-    return TensorLoader(data.train, config.data.batch_size, config.augment, data.mean, data.std, device, gen,
-                        channels_last=config.trainer.channels_last)
+    from mobilebench.train import build_train_loader
+
+    return build_train_loader(config, data, device, gen)
 
 
 # --- the two training sides ----------------------------------------------------------------
@@ -186,19 +183,13 @@ def engine_loader(config: Config, data: DataSplits, device: torch.device, gen: t
 def engine_parts(config: Config, num_classes: int, device: torch.device, precision: str,
                  steps_per_epoch: int) -> engine.Parts:
     """Model, optimizer, scheduler and loss built with train.py's own functions and defaults."""
-    from mobilebench.train import build, build_optimizer, build_scheduler, scaled_lr
+    from mobilebench.train import build, build_parts
 
     raw = build(config, num_classes).to(device)
     if config.trainer.channels_last:
         raw = raw.to(memory_format=torch.channels_last)
     model: nn.Module = torch.compile(raw) if resolve_compile(config.trainer.compile, device) else raw
-    lr = scaled_lr(config, World())
-    optimizer = build_optimizer(config, raw, lr)
-    return engine.Parts(
-        model=model, optimizer=optimizer, scheduler=build_scheduler(config, optimizer, lr, steps_per_epoch),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing), device=device,
-        amp_dtype=PRECISION_DTYPES[precision], grad_clip=config.trainer.grad_clip)
+    return build_parts(config, model, raw, device, precision, steps_per_epoch)
 
 
 class EngineSide:

@@ -154,7 +154,9 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
         with autocast(parts.device, parts.amp_dtype):
             logits = model(x)
             loss = parts.loss_fn(logits, y)
-        loss_value = loss.item()
+        # One device sync per step for both numbers the loop needs on the host.
+        correct = (logits.argmax(1) == y).sum()
+        loss_value, correct_value = torch.stack([loss.detach().float(), correct.float()]).tolist()
         if not math.isfinite(loss_value):
             state.skipped_batches += 1
             lr = opt.param_groups[0]["lr"]
@@ -178,7 +180,7 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
         state.step += 1
         n = y.shape[0]
         sums["loss"] += loss_value * n
-        sums["correct"] += (logits.argmax(1) == y).sum().item()
+        sums["correct"] += correct_value
         sums["images"] += n
         sums["data_s"] += t_data
         state.step_in_epoch = i + 1

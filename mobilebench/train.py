@@ -277,6 +277,32 @@ def _as_tuple(obj: Any) -> Any:
     return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj
 
 
+def build_train_loader(cfg: Config, data: DataSplits, device: torch.device, gen: torch.Generator,
+                       world: World = World()) -> TensorLoader | DataLoaderPath:
+    """The in-memory tensor loader, or torchvision's DataLoader for per-image policies."""
+    shared = (data.train, cfg.data.batch_size, cfg.augment, data.mean, data.std, device, gen)
+    options = {"channels_last": cfg.trainer.channels_last, "shard": (world.rank, world.size)}
+    if needs_dataloader(cfg.augment):
+        return DataLoaderPath(*shared, num_workers=cfg.data.num_workers, **options)
+    return TensorLoader(*shared, **options)
+
+
+def build_parts(cfg: Config, model: nn.Module, raw: nn.Module, device: torch.device, precision: str,
+                steps_per_epoch: int, world: World = World()) -> engine.Parts:
+    """Optimizer, per-step scheduler, scaler, loss and EMA around `model` (raw: its unwrapped module)."""
+    lr = scaled_lr(cfg, world)
+    optimizer = build_optimizer(cfg, raw, lr)
+    ema = None
+    if cfg.trainer.ema:
+        ema = torch.optim.swa_utils.AveragedModel(raw, multi_avg_fn=warmup_ema(cfg.trainer.ema_decay), use_buffers=True)
+    return engine.Parts(
+        model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, lr, steps_per_epoch),
+        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
+        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing), device=device,
+        amp_dtype=PRECISION_DTYPES[precision], ema=ema, grad_clip=cfg.trainer.grad_clip, nan_policy=cfg.trainer.nan_policy,
+        nan_skip_limit=cfg.trainer.nan_skip_limit, max_steps_per_epoch=cfg.trainer.max_steps_per_epoch)
+
+
 def resume_path(cfg: Config, files: RunFiles) -> Path | None:
     r = cfg.trainer.resume
     if r is None:
@@ -316,24 +342,10 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         model = torch.compile(model)
 
     gen = torch.Generator().manual_seed(cfg.trainer.seed)  # same on every rank: ranks shard one permutation
-    loader_cls = DataLoaderPath if needs_dataloader(cfg.augment) else TensorLoader
-    extra = {"num_workers": cfg.data.num_workers} if loader_cls is DataLoaderPath else {}
-    train_loader = loader_cls(data.train, cfg.data.batch_size, cfg.augment, data.mean, data.std, device, gen,
-                              channels_last=cfg.trainer.channels_last, shard=(world.rank, world.size), **extra)
+    train_loader = build_train_loader(cfg, data, device, gen, world)
     steps_per_epoch = min(len(train_loader), cfg.trainer.max_steps_per_epoch or len(train_loader))
-    lr = scaled_lr(cfg, world)
-    optimizer = build_optimizer(cfg, raw, lr)
-    amp_dtype = PRECISION_DTYPES[precision]
-    ema = None
-    if cfg.trainer.ema:
-        ema = torch.optim.swa_utils.AveragedModel(
-            raw, multi_avg_fn=warmup_ema(cfg.trainer.ema_decay), use_buffers=True)
-    parts = engine.Parts(
-        model=model, optimizer=optimizer, scheduler=build_scheduler(cfg, optimizer, lr, steps_per_epoch),
-        scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=cfg.trainer.label_smoothing), device=device, amp_dtype=amp_dtype,
-        ema=ema, grad_clip=cfg.trainer.grad_clip, nan_policy=cfg.trainer.nan_policy,
-        nan_skip_limit=cfg.trainer.nan_skip_limit, max_steps_per_epoch=cfg.trainer.max_steps_per_epoch)
+    parts = build_parts(cfg, model, raw, device, precision, steps_per_epoch, world)
+    amp_dtype = parts.amp_dtype
 
     state = engine.TrainState()
     ckpt = resume_path(cfg, files)
