@@ -37,7 +37,7 @@ from mobilebench import engine
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, Split, load_data
 from mobilebench.errors import UserError
-from mobilebench.runtime import (World, resolve_compile, resolve_device, resolve_precision,
+from mobilebench.runtime import (World, cpu_has_native_bf16, resolve_compile, resolve_device, resolve_precision,
                                  seed_everything, set_threads)
 
 log = logging.getLogger("mobilebench")
@@ -324,6 +324,7 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
         "optimizer": config.optimizer.name,
         **summarize(*timings),
         "device": _device_name(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(),
         "cpu_count": os.cpu_count(), "precision": precision, "channels_last": config.trainer.channels_last,
         "compile": resolve_compile(config.trainer.compile, device), "threads": threads,
         "baseline_threads": baseline_threads, "baseline_workers": settings.baseline_workers,

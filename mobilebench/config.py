@@ -67,6 +67,12 @@ class AugmentConfig:
     policy: str = "none"  # per-image policy; needs the DataLoader path
     random_erasing: float = 0.0  # probability; needs the DataLoader path
     resize: Optional[int] = None  # the tutorial's Resize(224); needs the DataLoader path
+    # Progressive resizing (the FFCV / fast.ai trick): early epochs train on batches downscaled
+    # to `min_size`, growing linearly to data.image_size over the first `ramp` fraction of the
+    # epochs; later epochs and all evaluation run at full size. null disables.
+    min_size: Optional[int] = None
+    ramp: float = 0.8
+    size_step: int = 4  # sizes are rounded down to a multiple of this
 
 
 @dataclass
@@ -186,6 +192,15 @@ def validate(cfg: Config) -> None:
     if not 0.0 <= a.random_erasing <= 1.0:
         raise ConfigError(f"augment.random_erasing={a.random_erasing} must be a probability in [0, 1]")
     _at_least("augment.resize", a.resize, 8)
+    _at_least("augment.min_size", a.min_size, 8)
+    _at_least("augment.size_step", a.size_step, 1, allow_none=False)
+    if not 0.0 <= a.ramp <= 1.0:
+        raise ConfigError(f"augment.ramp={a.ramp} must be a fraction of the epochs in [0, 1]")
+    if a.min_size is not None and a.min_size > d.image_size:
+        raise ConfigError(f"augment.min_size={a.min_size} is above data.image_size={d.image_size}; lower it or set augment.min_size=null")
+    if a.min_size is not None and (a.policy != "none" or a.random_erasing > 0 or a.resize is not None):
+        raise ConfigError("augment.min_size (progressive resizing) needs the in-memory loader: "
+                          "set augment.policy=none, augment.random_erasing=0 and augment.resize=null, or augment.min_size=null")
     _choice("optimizer.name", o.name, OPTIMIZERS)
     if o.lr <= 0:
         raise ConfigError(f"optimizer.lr={o.lr} is out of range; it must be > 0")

@@ -223,7 +223,7 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
 class FitHooks:
     """What `fit` calls out to: the run's I/O, kept out of the engine."""
 
-    epoch_batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # train batches for the next epoch
+    epoch_batches: Callable[[int], Iterable[tuple[torch.Tensor, torch.Tensor]]]  # train batches for 0-based epoch
     validate: Callable[[nn.Module], EvalResult | None]  # None when there is no validation split
     save: Callable[[TrainState, bool], None]  # (state, is_best)
     log_epoch: Callable[[dict[str, Any]], None]
@@ -245,7 +245,7 @@ def fit(parts: Parts, state: TrainState, epochs: int, hooks: FitHooks) -> TrainS
                 hooks.restore_gen(state.epoch_gen_state)
             state.epoch_gen_state = hooks.capture_gen()
             try:
-                stats = train_one_epoch(parts, hooks.epoch_batches(), state, stop, hooks.progress(state.epoch + 1))
+                stats = train_one_epoch(parts, hooks.epoch_batches(state.epoch), state, stop, hooks.progress(state.epoch + 1))
             except Interrupted:
                 hooks.save(state, False)
                 hooks.log_epoch({"epoch": state.epoch + 1, "interrupted": True, "step": state.step,

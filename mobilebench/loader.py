@@ -75,6 +75,24 @@ def cutout(x: torch.Tensor, size: int, gen: torch.Generator) -> torch.Tensor:
     return x.masked_fill(inside[:, None], 0)
 
 
+def progressive_size(epoch: int, epochs: int, full: int, min_size: int | None, ramp: float, step: int) -> int:
+    """Training image size for 0-based `epoch`: min_size growing linearly to `full` over the
+    first ramp*epochs epochs, rounded down to a multiple of `step` (never below min_size)."""
+    ramp_epochs = round(ramp * epochs)
+    if min_size is None or min_size >= full or epoch >= ramp_epochs:
+        return full
+    size = min_size + (full - min_size) * epoch / ramp_epochs
+    return max(min_size, int(size) // step * step)
+
+
+def resize_batch(x: torch.Tensor, size: int, channels_last: bool) -> torch.Tensor:
+    """Antialiased bilinear downscale of a normalized float batch (a no-op at its own size)."""
+    if x.shape[-1] == size and x.shape[-2] == size:
+        return x
+    x = F.interpolate(x, size=(size, size), mode="bilinear", antialias=True, align_corners=False)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
 def augment_batch(x: torch.Tensor, aug: AugmentConfig, gen: torch.Generator) -> torch.Tensor:
     if aug.crop_padding > 0:
         x = random_crop(x, aug.crop_padding, gen)
@@ -106,6 +124,7 @@ class TensorLoader:
         per_rank = len(self.y) // self.world
         self.drop_last = per_rank > batch_size
         self.per_rank = per_rank
+        self.image_size: int | None = None  # set per epoch for progressive resizing; None: native size
 
     def __len__(self) -> int:
         return self.per_rank // self.batch_size if self.drop_last else math.ceil(self.per_rank / self.batch_size)
@@ -118,7 +137,10 @@ class TensorLoader:
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x = self.x_nhwc.index_select(0, idx).permute(0, 3, 1, 2)  # NCHW view, channels_last memory
             x = augment_batch(x, self.aug, self.gen)
-            yield normalize(x, self.mean, self.std, self.channels_last), self.y[idx]
+            x = normalize(x, self.mean, self.std, self.channels_last)
+            if self.image_size is not None:
+                x = resize_batch(x, self.image_size, self.channels_last)
+            yield x, self.y[idx]
 
 
 def eval_batches(split: Split, batch_size: int, mean: list[float], std: list[float], device: torch.device,

@@ -24,7 +24,7 @@ from mobilebench.checkpoint import CheckpointError, load_checkpoint, load_weight
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
-from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, needs_dataloader
+from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, needs_dataloader, progressive_size
 from mobilebench.runtime import (PRECISION_DTYPES, World, init_world, resolve_compile, resolve_device,
                                  resolve_precision, seed_everything, set_threads, shared_run_dir,
                                  sync_batchnorm, world_reduce)
@@ -374,6 +374,10 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     resize = cfg.augment.resize
     totals = {"train_s": 0.0, "data_s": 0.0, "eval_s": 0.0, "images": 0}
 
+    def train_size(epoch: int) -> int:
+        a = cfg.augment
+        return progressive_size(epoch, cfg.trainer.epochs, a.resize or cfg.data.image_size, a.min_size, a.ramp, a.size_step)
+
     def validate(eval_model: nn.Module) -> engine.EvalResult | None:
         if len(data.val) == 0:
             return None
@@ -392,6 +396,8 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         if world.size > 1 and not row.get("interrupted"):  # each rank saw its own shard: report the whole batch
             row.update(world_reduce({k: row[k] for k in ("train_loss", "train_acc")}, world, device))
             row.update(world_reduce({"train_images_per_s": row["train_images_per_s"]}, world, device, op="sum"))
+        if not row.get("interrupted"):
+            row["train_image_size"] = train_size(row["epoch"] - 1)
         files.append_metrics(row)
         if row.get("interrupted"):
             return
@@ -401,11 +407,17 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         totals["images"] += row["train_images_per_s"] * (row["epoch_s"] - row["eval_s"])
         if world.is_main:
             val = f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} " if row["val_acc"] is not None else ""
-            log.info("epoch %d/%d train_loss %.4f train_acc %.4f %slr %.4g %.1fs %.0f img/s", row["epoch"], cfg.trainer.epochs,
-                     row["train_loss"], row["train_acc"], val, row["lr"], row["epoch_s"], row["train_images_per_s"])
+            log.info("epoch %d/%d train_loss %.4f train_acc %.4f %slr %.4g %.1fs %.0f img/s at %dpx", row["epoch"],
+                     cfg.trainer.epochs, row["train_loss"], row["train_acc"], val, row["lr"], row["epoch_s"],
+                     row["train_images_per_s"], row["train_image_size"])
+
+    def epoch_batches(epoch: int) -> TensorLoader | DataLoaderPath:
+        if isinstance(train_loader, TensorLoader) and cfg.augment.min_size is not None:
+            train_loader.image_size = train_size(epoch)
+        return train_loader
 
     hooks = engine.FitHooks(
-        epoch_batches=lambda: train_loader, validate=validate, save=save, log_epoch=log_epoch,
+        epoch_batches=epoch_batches, validate=validate, save=save, log_epoch=log_epoch,
         progress=make_progress(cfg, world, len(train_loader), cfg.trainer.epochs, multirun),
         capture_gen=gen.get_state, restore_gen=gen.set_state)
     try:

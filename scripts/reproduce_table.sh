@@ -1,12 +1,14 @@
 #!/usr/bin/env bash
-# Reproduce the README's MobileNet comparison table end to end: train every model with the
-# experiment=compare recipe over several seeds, then build the table and plots with `mobilebench report`.
+# Reproduce the README's MobileNet comparison table end to end: train every model with its
+# CIFAR-10 recipe (experiment=cifar10_<model>; RECIPE=compare uses one shared recipe instead),
+# over one or more seeds, then build the table and plots with `mobilebench report`.
 #
 # usage: scripts/reproduce_table.sh [DATA_ROOT] [extra training overrides...]
 #   DATA_ROOT     an image folder with train/<class>/ and test/<class>/ (default: $MOBILEBENCH_DATA),
 #                 e.g. the extracted CIFAR-10 JPEG archive
 # environment (defaults in brackets):
-#   EPOCHS [30]  SEEDS [0,1,2]  MODELS [v1,v2,v3_small,v3_large]
+#   RECIPE [cifar10]: cifar10 = experiment=cifar10_<model> (the README table), compare = experiment=compare
+#   EPOCHS [the recipe's]  SEEDS [0]  MODELS [v1,v2,v3_small,v3_large]
 #   TRAIN_SUBSET / TEST_SUBSET [all images]  VAL_SIZE [5000]
 #   PARALLEL [0]  1 starts every (model, seed) run at once: for a GPU that one small model leaves idle
 #   OUT [multirun/compare/<timestamp>]  REPORT [reports/compare-<timestamp>]
@@ -22,8 +24,9 @@ if [[ -z "$DATA_ROOT" || ! -d "$DATA_ROOT/train" || ! -d "$DATA_ROOT/test" ]]; t
 fi
 
 STAMP=$(date +%Y-%m-%d_%H-%M-%S)
-EPOCHS=${EPOCHS:-30}
-SEEDS=${SEEDS:-0,1,2}
+RECIPE=${RECIPE:-cifar10}
+EPOCHS=${EPOCHS:-}
+SEEDS=${SEEDS:-0}
 MODELS=${MODELS:-v1,v2,v3_small,v3_large}
 VAL_SIZE=${VAL_SIZE:-5000}
 PARALLEL=${PARALLEL:-0}
@@ -31,17 +34,24 @@ OUT=${OUT:-multirun/compare/$STAMP}
 REPORT=${REPORT:-reports/compare-$STAMP}
 read -r -a MB <<< "${MOBILEBENCH:-mobilebench}"
 
-common=(experiment=compare data=imagefolder "data.root=$DATA_ROOT" "data.val_size=$VAL_SIZE" "trainer.epochs=$EPOCHS")
+case "$RECIPE" in
+    cifar10|compare) ;;
+    *) echo "RECIPE=$RECIPE is not a recipe; use cifar10 (per-model presets) or compare" >&2; exit 2 ;;
+esac
+common=(data=imagefolder "data.root=$DATA_ROOT" "data.val_size=$VAL_SIZE")
+[[ -n "$EPOCHS" ]] && common+=("trainer.epochs=$EPOCHS")
 [[ -n "${TRAIN_SUBSET:-}" ]] && common+=("data.train_subset=$TRAIN_SUBSET")
 [[ -n "${TEST_SUBSET:-}" ]] && common+=("data.test_subset=$TEST_SUBSET")
 
 mkdir -p "$OUT"
-echo "training ${MODELS} x seeds ${SEEDS}, ${EPOCHS} epochs, into $OUT (logs: $OUT/*.log)"
+echo "training ${MODELS} x seeds ${SEEDS} (recipe ${RECIPE}, epochs ${EPOCHS:-as the recipe says}) into $OUT (logs: $OUT/*.log)"
 pids=()
 for model in ${MODELS//,/ }; do
     for seed in ${SEEDS//,/ }; do
         # One run per (model, seed) rather than one multirun: a crash in one leaves the rest running.
-        cmd=("${MB[@]}" train "${common[@]}" "model=$model" "trainer.seed=$seed" trainer.progress=log
+        experiment=compare
+        [[ "$RECIPE" == cifar10 ]] && experiment="cifar10_$model"
+        cmd=("${MB[@]}" train "experiment=$experiment" "${common[@]}" "model=$model" "trainer.seed=$seed" trainer.progress=log
              "hydra.run.dir=$OUT/${model}_seed${seed}" "$@")
         if [[ "$PARALLEL" == 1 ]]; then
             "${cmd[@]}" > "$OUT/${model}_seed${seed}.log" 2>&1 &

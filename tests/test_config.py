@@ -52,6 +52,8 @@ def test_seed224_switches_to_the_tutorial_pipeline() -> None:
     ("data.val_size=-1", "data.val_size=-1 is out of range"),
     ("trainer.device=tpu", "choose one of: auto, cpu, cuda, mps"),
     ("augment=fancy", "augment=fancy is not an option"),
+    ("augment.min_size=48", "augment.min_size=48 is above data.image_size=32"),
+    ("augment.ramp=1.5", "augment.ramp=1.5 must be a fraction"),
 ])
 def test_config_mistakes_are_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -76,3 +78,18 @@ def test_unknown_command(capsys: pytest.CaptureFixture) -> None:
         main(["trian"])
     assert exit_info.value.code == 2
     assert "unknown command 'trian'" in capsys.readouterr().err
+
+
+def test_progressive_resizing_refuses_the_per_image_pipeline() -> None:
+    from mobilebench.config import ConfigError
+
+    with pytest.raises(ConfigError, match="needs the in-memory loader"):
+        compose_config(["augment=strong", "augment.min_size=16"])
+
+
+@pytest.mark.parametrize("model", MODELS)
+def test_each_model_has_a_cifar10_recipe(model: str) -> None:
+    config, _ = compose_config([f"experiment=cifar10_{model}"])
+    assert config.model.name == model and config.model.stem == "cifar"
+    assert config.trainer.label_smoothing > 0 and config.scheduler.warmup_epochs > 0 and config.scheduler.name == "cosine"
+    assert config.augment.min_size is not None and config.optimizer.base_batch_size is not None

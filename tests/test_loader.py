@@ -6,7 +6,7 @@ import torch
 
 from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
-from mobilebench.loader import TensorLoader, cutout, eval_batches, random_crop, random_flip
+from mobilebench.loader import TensorLoader, cutout, eval_batches, progressive_size, random_crop, random_flip, resize_batch
 
 
 def _images(n: int = 8, size: int = 32) -> torch.Tensor:
@@ -78,3 +78,31 @@ def test_eval_batches_normalize_in_order() -> None:
     assert [len(y) for _, y in batches] == [2, 2, 1]
     assert torch.allclose(batches[0][0], torch.ones(1))
     assert batches[0][0].is_contiguous(memory_format=torch.channels_last)
+
+
+def test_progressive_size_ramps_from_min_to_full_then_stays() -> None:
+    sizes = [progressive_size(e, 10, 32, 16, 0.8, 4) for e in range(10)]
+    assert sizes[0] == 16 and sizes[-2:] == [32, 32]
+    assert sizes == sorted(sizes) and all(s % 4 == 0 and 16 <= s <= 32 for s in sizes)
+    assert len(set(sizes)) >= 4  # it really ramps, not one jump
+    assert [progressive_size(e, 10, 32, None, 0.8, 4) for e in range(10)] == [32] * 10
+    assert [progressive_size(e, 5, 32, 16, 0.0, 4) for e in range(5)] == [32] * 5
+
+
+def test_resize_batch_downscales_and_keeps_the_layout() -> None:
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    out = resize_batch(x, 16, channels_last=True)
+    assert out.shape == (4, 3, 16, 16) and out.is_contiguous(memory_format=torch.channels_last)
+    # A constant image stays constant through an antialiased downscale.
+    flat = torch.full((1, 3, 32, 32), 0.5)
+    assert torch.allclose(resize_batch(flat, 20, channels_last=False), torch.full((1, 3, 20, 20), 0.5), atol=1e-6)
+    assert resize_batch(x, 32, channels_last=True) is x
+
+
+def test_tensor_loader_serves_the_size_it_is_given() -> None:
+    split = Split(_images(64), torch.arange(64) % 10)
+    loader = TensorLoader(split, 16, AugmentConfig(), [0.5] * 3, [0.25] * 3, torch.device("cpu"), torch.Generator().manual_seed(0))
+    assert next(iter(loader))[0].shape == (16, 3, 32, 32)
+    loader.image_size = 20
+    x, y = next(iter(loader))
+    assert x.shape == (16, 3, 20, 20) and y.shape == (16,)

@@ -51,6 +51,14 @@ def test_synthetic_is_learnable_in_one_short_epoch(tmp_path: Path) -> None:
     assert best > 0.3, f"val accuracy {best:.3f} should clearly beat chance (0.1) after one epoch"
 
 
+def test_progressive_resizing_trains_small_then_full_size(tmp_path: Path) -> None:
+    train_run(tmp_path, "trainer.epochs=4", "augment.min_size=16", "augment.ramp=0.5")
+    sizes = [r["train_image_size"] for r in _metrics(tmp_path)]
+    assert sizes == [16, 24, 32, 32]
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["image_size"] == 32
+
+
 def test_load_model_rebuilds_the_trained_network(tmp_path: Path) -> None:
     train_run(tmp_path, "model=v3_small", "trainer.ema=true")
     path = tmp_path / "checkpoints" / "best.pt"
