@@ -330,6 +330,21 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+def _schema_defaults() -> dict[str, Any]:
+    from dataclasses import asdict
+
+    from mobilebench.config import Config
+
+    return asdict(Config())
+
+
+def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merged(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
 def dataset_id(run: Run) -> str:
     """Which images a run saw: the data set name, plus the folder for an image folder."""
     name = _get(run.config, "data.name") or run.summary.get("data") or "?"
@@ -342,7 +357,9 @@ def dataset_id(run: Run) -> str:
 def recipe(run: Run) -> dict[str, Any]:
     """What defines a run's configuration: its config minus seed, paths and speed-only settings."""
     if run.config is not None:
-        flat = {k: v for k, v in _flatten(run.config).items()
+        # Over the schema's defaults, so a run made before a key existed compares equal to one
+        # that has the key at its default.
+        flat = {k: v for k, v in _flatten(_merged(_schema_defaults(), run.config)).items()
                 if k not in NOT_RECIPE and k.split(".", 1)[0] not in NOT_RECIPE_SECTIONS}
     else:  # a copied run without .hydra/: the summary still names the essentials
         s = run.summary

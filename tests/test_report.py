@@ -113,6 +113,22 @@ def test_runs_differing_in_recipe_get_separate_labelled_rows(tmp_path: Path) -> 
     assert "| config |" in (out / "report.md").read_text()
 
 
+def test_a_key_missing_from_an_older_run_counts_as_its_default(tmp_path: Path) -> None:
+    root = tmp_path / "runs"
+    make_run(root, "old", model="v2", seed=0, test_acc=0.4)
+    new = make_run(root, "new", model="v2", seed=1, test_acc=0.5)
+    config = yaml.safe_load((new / ".hydra" / "config.yaml").read_text())
+    config["augment"] = {"min_size": None, "size_step": 4}  # keys added to the schema after "old" ran
+    (new / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out)]) == 0
+    assert [r["n"] for r in read_csv(out)] == ["2"]
+    config["augment"]["size_step"] = 8  # a real difference still splits the row
+    (new / ".hydra" / "config.yaml").write_text(yaml.safe_dump(config))
+    assert main([str(root), "--out", str(tmp_path / "report2")]) == 0
+    assert sorted(r["config"] for r in read_csv(tmp_path / "report2")) == ["augment.size_step=4", "augment.size_step=8"]
+
+
 def test_run_dir_without_summary_is_listed_not_dropped(tmp_path: Path) -> None:
     root = tmp_path / "multirun"
     make_run(root, "0_v1", model="v1")
