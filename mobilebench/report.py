@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import csv
+import functools
 import io
 import json
 import math
@@ -330,7 +331,9 @@ def _flatten(obj: Any, prefix: str = "") -> dict[str, Any]:
     return {prefix[:-1]: obj}
 
 
+@functools.cache
 def _schema_defaults() -> dict[str, Any]:
+    """Built once per report; `_merged` copies rather than mutates it."""
     from dataclasses import asdict
 
     from mobilebench.config import Config
