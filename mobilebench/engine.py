@@ -113,6 +113,11 @@ class StopFlag:
     def __exit__(self, *exc: object) -> None:
         if self._exiting:
             return  # keep ignoring Ctrl-C: restoring Python's handler would turn a third press into a traceback at exit
+        if self.signum is not None and signal.SIGINT in self._previous:
+            # The state is saved and the run is on its way out: a press that lands now would kill
+            # it by signal mid-exit (no clean message, exit code -2), so ignore it.
+            signal.signal(signal.SIGINT, signal.SIG_IGN)
+            self._previous.pop(signal.SIGINT)
         for sig, handler in self._previous.items():
             signal.signal(sig, handler)
 

@@ -6,38 +6,67 @@ import torch
 
 from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
-from mobilebench.loader import TensorLoader, cutout, eval_batches, progressive_size, random_crop, random_flip, resize_batch
+from mobilebench.loader import (TensorLoader, crop_flip_batch, crop_windows, cutout, eval_batches, progressive_size,
+                                resize_batch)
 
 
 def _images(n: int = 8, size: int = 32) -> torch.Tensor:
     return torch.randint(1, 256, (n, 3, size, size), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
 
 
-def test_random_crop_is_a_shift_with_zero_fill() -> None:
+def _crops(x: torch.Tensor, padding: int, flip: bool, seed: int) -> torch.Tensor:
+    windows = crop_windows(x.permute(0, 2, 3, 1), padding, flip)
+    return crop_flip_batch(windows, torch.arange(len(x)), torch.Generator().manual_seed(seed))
+
+
+def _matches(image: torch.Tensor, crop: torch.Tensor, padding: int) -> list[tuple[int, int, bool]]:
+    """Every (dy, dx, mirrored) window of the zero-padded image equal to `crop`."""
+    padded = torch.nn.functional.pad(image, (padding,) * 4)
+    size, n = image.shape[-1], 2 * padding + 1
+    return [(dy, dx, m) for dy in range(n) for dx in range(n) for m in (False, True)
+            if torch.equal((padded.flip(-1) if m else padded)[:, dy:dy + size, dx:dx + size], crop)]
+
+
+def test_crop_is_a_shifted_window_with_zero_fill() -> None:
     x = _images()
-    out = random_crop(x, 4, torch.Generator().manual_seed(1))
-    assert out.shape == x.shape
-    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    out = _crops(x, 4, flip=False, seed=1)
+    assert out.shape == x.shape and out.is_contiguous(memory_format=torch.channels_last)
     for i in range(len(x)):
-        # Each output must equal exactly one of the 81 windows of its padded image.
-        windows = [(dy, dx) for dy in range(9) for dx in range(9) if torch.equal(padded[i, :, dy:dy + 32, dx:dx + 32], out[i])]
-        assert windows, f"image {i} is not a crop of its padded input"
+        assert any(not m for *_, m in _matches(x[i], out[i], 4)), f"image {i} is not a crop of its padded input"
 
 
 def test_crop_offsets_vary_between_images() -> None:
     x = _images(64)
-    out = random_crop(x, 4, torch.Generator().manual_seed(2))
+    out = _crops(x, 4, flip=False, seed=2)
     unchanged = sum(torch.equal(out[i], x[i]) for i in range(len(x)))
     assert unchanged < 10  # a centred crop has probability 1/81 per image
+    offsets = {_matches(x[i], out[i], 4)[0][:2] for i in range(len(x))}
+    assert len(offsets) > 30
 
 
 def test_flip_mirrors_about_half() -> None:
     x = _images(200)
-    out = random_flip(x, torch.Generator().manual_seed(3))
+    out = _crops(x, 0, flip=True, seed=3)
     flipped = [torch.equal(out[i], x[i].flip(-1)) for i in range(len(x))]
     kept = [torch.equal(out[i], x[i]) for i in range(len(x))]
     assert all(f or k for f, k in zip(flipped, kept))
     assert 60 < sum(flipped) < 140
+
+
+def test_crop_and_flip_together_are_a_mirrored_or_plain_window() -> None:
+    x = _images(64)
+    out = _crops(x, 4, flip=True, seed=5)
+    mirrored = 0
+    for i in range(len(x)):
+        found = _matches(x[i], out[i], 4)
+        assert found, f"image {i} is neither a crop nor a mirrored crop"
+        mirrored += all(m for *_, m in found)
+    assert 15 < mirrored < 49
+
+
+def test_no_augmentation_returns_the_images() -> None:
+    x = _images(4)
+    assert torch.equal(_crops(x, 0, flip=False, seed=0), x)
 
 
 def test_cutout_zeroes_one_square() -> None:

@@ -17,7 +17,7 @@ import torch
 
 from mobilebench import checkpoint as ckpt_mod
 from mobilebench.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from mobilebench.engine import NonFiniteLoss
+from mobilebench.engine import Interrupted, NonFiniteLoss, StopFlag
 from mobilebench.errors import UserError
 from tests.conftest import TINY, train_run
 
@@ -119,9 +119,11 @@ def test_sigterm_saves_and_resume_mid_epoch_is_bit_identical(reference: Path, tm
 
 def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     run_dir, log = tmp_path / "run", tmp_path / "stderr.txt"
-    proc = _start(run_dir, log, "trainer.epochs=50")
+    # Steps of ~0.5 s: the presses start just after step 2 is logged, so the first and a later one
+    # land in step 3 (with 50 ms steps the first one's save could finish before the second).
+    proc = _start(run_dir, log, "trainer.epochs=50", "model=v2", "model.width_mult=1.0", "data.batch_size=64")
     try:
-        _wait_for(_log_has(log, "epoch 1 step 2/20"), proc)
+        _wait_for(_log_has(log, "epoch 1 step 2/10"), proc)
         # Signals sent back to back coalesce into one, so keep pressing Ctrl-C: the first asks for
         # a save at the end of the step in flight, a later one must cut that short.
         deadline = time.monotonic() + 20
@@ -134,6 +136,33 @@ def test_second_ctrl_c_exits_at_once(tmp_path: Path) -> None:
     err = log.read_text()
     assert proc.returncode == 130, err
     assert "state saved" not in err and "Traceback" not in err
+
+
+def _press_ctrl_c() -> None:
+    os.kill(os.getpid(), signal.SIGINT)
+    time.sleep(0.01)  # the Python-level handler runs at the next bytecode
+
+
+def test_stop_flag_first_press_stops_second_exits_and_the_exit_path_ignores_more() -> None:
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with StopFlag() as stop:
+            _press_ctrl_c()
+            assert stop.signum == signal.SIGINT
+            with pytest.raises(Interrupted):
+                stop.check()
+        # The interrupted run is on its way out: one more press must not kill it mid-exit.
+        assert signal.getsignal(signal.SIGINT) == signal.SIG_IGN
+        with StopFlag() as stop, pytest.raises(SystemExit) as exc:
+            _press_ctrl_c()
+            _press_ctrl_c()
+        assert exc.value.code == 130
+        signal.signal(signal.SIGINT, before)
+        with StopFlag():
+            pass
+        assert signal.getsignal(signal.SIGINT) == before  # an uninterrupted run restores the handler
+    finally:
+        signal.signal(signal.SIGINT, before)
 
 
 # 2 and 6. Atomic saves: a crash or a full disk while saving leaves the old checkpoint intact.
