@@ -38,7 +38,7 @@ from mobilebench.config import Config
 from mobilebench.data import DataSplits, Split, load_data
 from mobilebench.errors import UserError
 from mobilebench.runtime import (World, cpu_has_native_bf16, resolve_compile, resolve_device, resolve_precision,
-                                 seed_everything, set_threads)
+                                 seed_everything, set_cpu_allocator, set_threads)
 
 log = logging.getLogger("mobilebench")
 
@@ -279,8 +279,9 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"mobilebench: {r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}, "
-        f"{r['threads']} threads; baseline: fp32, NCHW, eager, DataLoader(num_workers={r['baseline_workers']}), "
-        f"{r['baseline_threads']} threads. {r['device']}, torch {r['torch']}, load average {r['load_average']}.")
+        f"{r['threads']} threads, allocator {r['cpu_allocator']}; baseline: fp32, NCHW, eager, "
+        f"DataLoader(num_workers={r['baseline_workers']}), {r['baseline_threads']} threads, allocator "
+        f"{r['baseline_cpu_allocator']}. {r['device']}, torch {r['torch']}, load average {r['load_average']}.")
     console.print(f"Time waiting for data during training: mobilebench {100 * r['train_data_share']:.0f}%, "
                   f"baseline {100 * r['train_baseline_data_share']:.0f}%.")
 
@@ -312,6 +313,7 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
     if len(data.train) < config.data.batch_size:
         raise UserError(f"bench needs at least one full batch: {len(data.train)} training images < "
                         f"data.batch_size={config.data.batch_size}; raise data.train_subset or lower data.batch_size")
+    glibc = set_cpu_allocator("system")
     try:
         timings = measure(config, settings, data, device, precision, threads, baseline_threads)
     finally:
@@ -327,6 +329,8 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
         "native_bf16": cpu_has_native_bf16(),
         "cpu_count": os.cpu_count(), "precision": precision, "channels_last": config.trainer.channels_last,
         "compile": resolve_compile(config.trainer.compile, device), "threads": threads,
+        "cpu_allocator": config.trainer.cpu_allocator if glibc else "n/a (not glibc)",
+        "baseline_cpu_allocator": "system" if glibc else "n/a (not glibc)",
         "baseline_threads": baseline_threads, "baseline_workers": settings.baseline_workers,
         "torch": torch.__version__, "load_average": load_start, "load_average_end": _load_average(),
         "settings": asdict(settings),
@@ -351,9 +355,14 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
 
     workers, batch_size = settings.baseline_workers, config.data.batch_size
 
-    def data_chunk(batches: Iterator[Batch], timing: Timing, n_threads: int, baseline: bool) -> Callable[[], None]:
+    def side_settings(baseline: bool) -> None:
+        # Process-wide settings each side runs under: thread count and glibc's allocator policy.
+        torch.set_num_threads(baseline_threads if baseline else threads)
+        set_cpu_allocator("system" if baseline else config.trainer.cpu_allocator)
+
+    def data_chunk(batches: Iterator[Batch], timing: Timing, baseline: bool) -> Callable[[], None]:
         def chunk() -> None:
-            torch.set_num_threads(n_threads)
+            side_settings(baseline)
             for _ in itertools.islice(batches, settings.data_warmup_batches):
                 pass
             timing.add(*time_batches(batches, settings.data_batches, device))
@@ -362,8 +371,7 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
         return chunk
 
     log.info("data pipeline: %d rounds of %d batches per side", settings.rounds, settings.data_batches)
-    alternate(settings.rounds, data_chunk(ours, data_ours, threads, False),
-              data_chunk(theirs, data_theirs, baseline_threads, True))
+    alternate(settings.rounds, data_chunk(ours, data_ours, False), data_chunk(theirs, data_theirs, True))
 
     # Both models start from the same weights.
     torch.manual_seed(seed)
@@ -374,9 +382,9 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
                                nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing), theirs, device)
     train_ours, train_theirs = Timing(), Timing()
 
-    def train_chunk(side: EngineSide | BaselineSide, timing: Timing, n_threads: int, name: str) -> Callable[[], None]:
+    def train_chunk(side: EngineSide | BaselineSide, timing: Timing, name: str) -> Callable[[], None]:
         def chunk() -> None:
-            torch.set_num_threads(n_threads)
+            side_settings(side is theirs_side)
             if settings.warmup_steps:
                 side.run(settings.warmup_steps)
             stats = side.run(settings.steps)
@@ -388,8 +396,8 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
 
     log.info("training: %d rounds of %d steps per side (+%d warm-up each)", settings.rounds, settings.steps,
              settings.warmup_steps)
-    alternate(settings.rounds, train_chunk(ours_side, train_ours, threads, "mobilebench"),
-              train_chunk(theirs_side, train_theirs, baseline_threads, "baseline"))
+    alternate(settings.rounds, train_chunk(ours_side, train_ours, "mobilebench"),
+              train_chunk(theirs_side, train_theirs, "baseline"))
     return data_ours, data_theirs, train_ours, train_theirs
 
 

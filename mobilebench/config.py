@@ -22,6 +22,7 @@ SCHEDULERS = ("cosine", "step", "none")
 DEVICES = ("auto", "cpu", "cuda", "mps")
 PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE = ("auto", "on", "off")
+CPU_ALLOCATORS = ("cache", "system")
 NAN_POLICIES = ("stop", "skip")
 COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune")
 
@@ -117,6 +118,7 @@ class TrainerConfig:
     nan_policy: str = "stop"
     nan_skip_limit: int = 10
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
+    cpu_allocator: str = "cache"  # cache: glibc keeps freed tensor memory for reuse; system: glibc's own policy
     progress: str = "auto"  # auto|bar|log
     sync_bn: bool = False
     bn_momentum: Optional[float] = 0.1  # None: each model's own (V3: 0.01)
@@ -227,6 +229,7 @@ def validate(cfg: Config) -> None:
     _at_least("trainer.log_every", t.log_every, 1, allow_none=False)
     _at_least("trainer.max_steps_per_epoch", t.max_steps_per_epoch, 1)
     _at_least("trainer.threads", t.threads, 1)
+    _choice("trainer.cpu_allocator", t.cpu_allocator, CPU_ALLOCATORS)
     if t.bn_momentum is not None and not 0.0 < t.bn_momentum <= 1.0:
         raise ConfigError(f"trainer.bn_momentum={t.bn_momentum} must be in (0, 1] or null")
     _choice("summary.format", cfg.summary.format, ("table", "json"))

@@ -15,7 +15,7 @@ from mobilebench.data import load_data
 from mobilebench.engine import EvalResult, evaluate
 from mobilebench.errors import UserError
 from mobilebench.loader import eval_batches
-from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_threads
+from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_cpu_allocator, set_threads
 
 
 def checkpoint_data_config(blob: dict[str, Any]) -> DataConfig:
@@ -35,6 +35,7 @@ def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> f
     if not cfg.checkpoint:
         raise UserError("eval needs a checkpoint: mobilebench eval checkpoint=outputs/.../checkpoints/best.pt")
     set_threads(cfg.trainer.threads)
+    set_cpu_allocator(cfg.trainer.cpu_allocator)
     device = resolve_device(cfg.trainer.device)
     amp_dtype = PRECISION_DTYPES[resolve_precision(cfg.trainer.precision, device)]
     model, blob = load_eval_model(cfg.checkpoint, device, cfg.trainer.channels_last)

@@ -26,7 +26,7 @@ from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
 from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, needs_dataloader, progressive_size
 from mobilebench.runtime import (PRECISION_DTYPES, World, init_world, resolve_compile, resolve_device,
-                                 resolve_precision, seed_everything, set_threads, shared_run_dir,
+                                 resolve_precision, seed_everything, set_cpu_allocator, set_threads, shared_run_dir,
                                  sync_batchnorm, world_reduce)
 
 log = logging.getLogger("mobilebench")
@@ -320,6 +320,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     if world.is_main:
         check_run_dir(files, cfg)
     set_threads(cfg.trainer.threads)
+    set_cpu_allocator(cfg.trainer.cpu_allocator)
     device = resolve_device(cfg.trainer.device, world)
     precision = resolve_precision(cfg.trainer.precision, device)
     seed_everything(cfg.trainer.seed + world.rank)

@@ -8,6 +8,11 @@ it reports the compile time and its steady-state speed against eager in that chi
 
     python scripts/bench_cpu_defaults.py --models v2 v3_small --out bench_cpu_defaults.json
     OMP_WAIT_POLICY=PASSIVE python scripts/bench_cpu_defaults.py ...   # OpenMP threads sleep, not spin
+    python scripts/bench_cpu_defaults.py --allocator cache ...          # glibc keeps freed memory
+
+The allocator policy (`trainer.cpu_allocator`) is process-wide and sticky, so it is a flag for the
+whole process, not a variant: `system` leaves glibc untouched (a fresh process), `cache` is
+mobilebench's default. Compare the two by running the script once with each, alternately.
 
 Variants are named layout-precision-threads, e.g. cl-fp32-t2 (channels_last, fp32, 2 threads).
 """
@@ -28,7 +33,7 @@ from torch import nn
 
 from mobilebench import engine
 from mobilebench.config import Config
-from mobilebench.runtime import PRECISION_DTYPES
+from mobilebench.runtime import PRECISION_DTYPES, set_cpu_allocator
 
 DEFAULT_VARIANTS = ["nchw-fp32-t2", "cl-fp32-t2", "nchw-fp32-t1", "cl-fp32-t1", "cl-bf16-t2", "nchw-bf16-t2"]
 
@@ -128,9 +133,10 @@ def compile_child(model_name: str, batch_size: int, steps: int, threads: int) ->
                       "compiled_images_per_s": n / times["compiled"], "threads": threads}))
 
 
-def measure_compile(model_name: str, batch_size: int, steps: int, threads: int, limit_s: float) -> dict:
+def measure_compile(model_name: str, batch_size: int, steps: int, threads: int, limit_s: float,
+                    allocator: str) -> dict:
     cmd = [sys.executable, __file__, "--compile-child", model_name, "--batch-size", str(batch_size),
-           "--steps", str(steps), "--threads", str(threads)]
+           "--steps", str(steps), "--threads", str(threads), "--allocator", allocator]
     t0 = time.perf_counter()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=limit_s)
@@ -155,9 +161,12 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=2)
     p.add_argument("--compile-limit", type=float, default=0.0, help="seconds for the torch.compile child; 0 skips it")
     p.add_argument("--threads", type=int, default=torch.get_num_threads(), help="threads of the compile child")
+    p.add_argument("--allocator", choices=["system", "cache"], default="system",
+                   help="glibc policy for this process: system = untouched, cache = trainer.cpu_allocator=cache")
     p.add_argument("--out", type=Path, default=None)
     p.add_argument("--compile-child", default=None, help=argparse.SUPPRESS)
     args = p.parse_args()
+    set_cpu_allocator(args.allocator)  # "system" in a fresh process leaves glibc untouched
     if args.compile_child:
         compile_child(args.compile_child, args.batch_size, args.steps, args.threads)
         return
@@ -165,12 +174,13 @@ def main() -> None:
     env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     result = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "cpu_count": os.cpu_count(), "env": env, "batch_size": args.batch_size, "steps": args.steps,
-              "rounds": args.rounds, "load_average": list(os.getloadavg()), "models": {}}
+              "rounds": args.rounds, "allocator": args.allocator, "load_average": list(os.getloadavg()), "models": {}}
     for model_name in args.models:
         entry = {"variants": measure_variants(model_name, args.variants, args.batch_size, args.steps, args.warmup,
                                               args.rounds)}
         if args.compile_limit > 0:
-            entry["compile"] = measure_compile(model_name, args.batch_size, args.steps, args.threads, args.compile_limit)
+            entry["compile"] = measure_compile(model_name, args.batch_size, args.steps, args.threads, args.compile_limit,
+                                               args.allocator)
         result["models"][model_name] = entry
     result["load_average_end"] = list(os.getloadavg())
     print_table(result)
@@ -185,7 +195,8 @@ def print_table(result: dict) -> None:
     console = Console()
     for model_name, entry in result["models"].items():
         table = Table(title=f"{model_name}: training step, batch {result['batch_size']}, images/s "
-                            f"(OMP_WAIT_POLICY={result['env']['OMP_WAIT_POLICY'] or 'unset'})")
+                            f"(allocator {result['allocator']}, "
+                            f"OMP_WAIT_POLICY={result['env']['OMP_WAIT_POLICY'] or 'unset'})")
         table.add_column("variant")
         table.add_column("images/s", justify="right")
         table.add_column("vs nchw-fp32-t2", justify="right")

@@ -54,6 +54,7 @@ def test_seed224_switches_to_the_tutorial_pipeline() -> None:
     ("augment=fancy", "augment=fancy is not an option"),
     ("augment.min_size=48", "augment.min_size=48 is above data.image_size=32"),
     ("augment.ramp=1.5", "augment.ramp=1.5 must be a fraction"),
+    ("trainer.cpu_allocator=jemalloc", "choose one of: cache, system"),
 ])
 def test_config_mistakes_are_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
