@@ -274,6 +274,25 @@ def _checked_rewrite(fp32: Path, out: Path, arrays: list[np.ndarray], exclude_gr
     return counts
 
 
+def _checked_fold(int8: Path, arrays: list[np.ndarray]) -> int:
+    """Fold the int8 graph's constant rescales (rewrite.fold_rescales) in place, refusing a changed result."""
+    from mobilebench.deploy.rewrite import fold_rescales
+
+    onnx = require("onnx")
+    model = onnx.load(str(int8))
+    folded = fold_rescales(model)
+    if folded:
+        x, candidate = arrays[0][:16], int8.with_name(int8.stem + ".folded.onnx")
+        onnx.save(model, str(candidate))
+        ref, new = ort_run(ort_session(int8, 1), x), ort_run(ort_session(candidate, 1), x)
+        diff = float(np.abs(ref - new).max())
+        if diff > 1e-3 * max(1.0, float(np.abs(ref).max())):
+            candidate.unlink()
+            raise UserError(f"folding the int8 rescales changed the logits by {diff:.3g}; run with quantize.rewrite=false")
+        candidate.replace(int8)
+    return folded
+
+
 def quantize_static(fp32: Path, out: Path, arrays: list[np.ndarray], cfg: QuantizeConfig, family: str) -> dict[str, Any]:
     """Write the int8 QDQ model; returns the choices made (exclusions, rewrites, reduce_range)."""
     onnx = require("onnx")
@@ -304,6 +323,8 @@ def quantize_static(fp32: Path, out: Path, arrays: list[np.ndarray], cfg: Quanti
             )
         except Exception as err:  # onnxruntime's quantizer raises bare Exceptions with useful first lines
             raise UserError(f"static quantization failed: {str(err).strip().splitlines()[0]}") from None
+        if cfg.rewrite:
+            rewrites["folded_rescales"] = _checked_fold(out, arrays)
     return {"exclude_groups": exclude_groups, "excluded_nodes": len(excluded), "reduce_range": reduce_range,
             "rewrites": rewrites, "op_types": cfg.op_types or "all onnxruntime supports"}
 

@@ -10,7 +10,9 @@ cost as much time as int8 saves in the convolutions. Rewritten first, with the s
 * h-swish  HardSwish(x) -> x * Clip(x * 1/6 + 1/2, 0, 1), i.e. int8 Mul, Add, Mul.
 * pooling  ReduceMean over H, W (keepdims) -> GlobalAveragePool, which has an int8 kernel.
 
-The rewritten fp32 graph is checked against the original before it is quantized.
+The rewritten fp32 graph is checked against the original before it is quantized. After
+quantization, `fold_rescales` removes the int8 multiplies by a positive constant (h-swish's x/6):
+in the quantized domain they only change the scale.
 """
 
 from __future__ import annotations
@@ -122,3 +124,67 @@ def rewrite_for_int8(model: Any, se_gate: bool = True, hardswish: bool = True, p
     for init in unused:
         graph.initializer.remove(init)
     return counts
+
+
+def _scalar(inits: dict[str, Any], name: str | None) -> float | None:
+    onnx = require("onnx")
+    if name is None:
+        return 0.0  # an omitted zero point
+    if name not in inits:
+        return None
+    value = onnx.numpy_helper.to_array(inits[name])
+    return float(value.reshape(())) if value.size == 1 else None
+
+
+def fold_rescales(model: Any) -> int:
+    """Remove each QDQ `Mul` of a per-tensor-quantized x by a positive constant c; returns how many.
+
+    x * c of x = s * (q - z) is s*c * (q - z): the same integers q under the scale s*c. So the
+    DequantizeLinear nodes that read the Mul's requantized output read q itself with scale s*c, and
+    the Mul with its QuantizeLinear goes: one int8 QLinearMul pass over the tensor fewer per
+    h-swish. Exact where the skipped requantization did not clip (quantize.py checks the logits).
+    """
+    onnx = require("onnx")
+    graph = model.graph
+    inits = {i.name: i for i in graph.initializer}
+    producer = {out: node for node in graph.node for out in node.output}
+    consumers: dict[str, list[Any]] = defaultdict(list)
+    for node in graph.node:
+        for name in node.input:
+            consumers[name].append(node)
+
+    def arg(node: Any, i: int) -> str | None:
+        return node.input[i] if len(node.input) > i and node.input[i] else None
+
+    drop: set[int] = set()
+    for mul in graph.node:
+        dqs = [producer.get(name) for name in mul.input]
+        if mul.op_type != "Mul" or len(dqs) != 2 or any(d is None or d.op_type != "DequantizeLinear" for d in dqs):
+            continue
+        constant = [d for d in dqs if d.input[0] in inits]
+        if len(constant) != 1:
+            continue
+        dq_c, dq_x = constant[0], dqs[1 - dqs.index(constant[0])]
+        q_c, s_c, z_c = (_scalar(inits, arg(dq_c, i)) for i in range(3))
+        s_x = _scalar(inits, arg(dq_x, 1))
+        after = consumers[mul.output[0]]
+        if None in (q_c, s_c, z_c, s_x) or len(after) != 1 or after[0].op_type != "QuantizeLinear":
+            continue
+        c = (q_c - z_c) * s_c
+        readers = consumers[after[0].output[0]]
+        if c <= 0 or not readers or any(r.op_type != "DequantizeLinear" for r in readers):
+            continue
+        scale = f"{mul.name or 'mul'}_rescaled_{len(drop)}"
+        graph.initializer.append(onnx.numpy_helper.from_array(np.array(s_x * c, dtype=np.float32), scale))
+        for reader in readers:
+            reader.input[:] = [dq_x.input[0], scale] + ([arg(dq_x, 2)] if arg(dq_x, 2) else [])
+        drop.update({id(mul), id(after[0])})
+    kept = [node for node in graph.node if id(node) not in drop]
+    needed = {name for node in kept for name in node.input} | {out.name for out in graph.output}
+    kept = [n for n in kept if not (n.op_type == "DequantizeLinear" and n.output[0] not in needed)]
+    del graph.node[:]
+    graph.node.extend(kept)
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
+    return len(drop) // 2
