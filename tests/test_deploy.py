@@ -261,6 +261,28 @@ def test_channel_pruning_shrinks_model_and_keeps_function(ckpts: dict[str, Path]
         torch.testing.assert_close(pruned(x), source.model(x), atol=1e-4, rtol=1e-4)  # ...is the pruned model
 
 
+def test_bn_reestimation_mixes_class_sorted_images() -> None:
+    from mobilebench.data import Split
+    from mobilebench.deploy.common import Source
+    from mobilebench.deploy.prune import recalibrate_bn
+
+    # Two classes, sorted as image folders are: dark images first, then bright ones.
+    gen = torch.Generator().manual_seed(0)
+    dark = torch.randint(0, 40, (256, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    bright = torch.randint(215, 256, (256, 3, 32, 32), dtype=torch.uint8, generator=gen)
+    split = Split(torch.cat([dark, bright]), torch.cat([torch.zeros(256), torch.ones(256)]).long())
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 3, 1, bias=False), torch.nn.BatchNorm2d(3))
+    torch.nn.init.eye_(model[0].weight.view(3, 3))
+    source = Source(model, "toy", {"num_classes": 2}, None, None, 32, [0.5] * 3, [0.25] * 3)
+    recalibrate_bn(model, split, source, batch_size=64)
+    x = (split.x.float() / 255 - 0.5) / 0.25
+    overall = x.transpose(0, 1).reshape(3, -1).var(1)
+    # Single-class batches would give the within-class variance, about 1/70 of the overall one
+    # (the crop's zero padding moves the figures a little, not by that much).
+    assert ((model[1].running_var / overall) > 0.5).all() and ((model[1].running_var / overall) < 2).all()
+    assert (model[1].running_mean - x.mean((0, 2, 3))).abs().max() < 0.5
+
+
 def test_pruned_checkpoint_works_everywhere(ckpts: dict[str, Path], tmp_path: Path) -> None:
     cfg = config(ckpts["v3_small"], prune={"method": "channel", "amount": 0.3, "finetune_epochs": 1, "finetune_steps": 2})
     report = run_prune(cfg, {"prune": cfg.prune}, tmp_path / "prune")

@@ -36,6 +36,7 @@ from mobilebench.deploy.common import (
     write_report,
 )
 from mobilebench.errors import UserError
+from mobilebench.runtime import set_cpu_allocator
 
 METHODS = ("l1_unstructured", "channel")
 USAGE = "mobilebench prune checkpoint=outputs/train/.../checkpoints/best.pt method=channel amount=0.2"
@@ -196,15 +197,24 @@ def channel_prune(model: nn.Module, model_args: dict[str, Any], amount: float) -
 # --- repair ----------------------------------------------------------------------------------------
 
 
-def recalibrate_bn(model: nn.Module, split: Split, source: Source, batch_size: int = 128) -> None:
+def recalibrate_bn(model: nn.Module, split: Split, source: Source, batch_size: int = 128, seed: int = 0) -> None:
     """Re-estimate every BatchNorm's running mean and variance on `split`, without gradients.
 
     Removing channels also removes their constant (BN-shift) contribution to the next layers, so the
     stored statistics no longer match: measured here, 20% channel pruning of v3_small dropped test
     accuracy from 43% to 11%, and this pass alone brought it back to 44%.
-    """
-    from mobilebench.deploy.common import batches
 
+    The batches are the training kind: shuffled (image folders come sorted by class, and a
+    single-class batch shows only within-class variance) and cropped + flipped. The weights were
+    trained against statistics of augmented batches: on the unpruned 40-epoch v3_small (87.39%),
+    re-estimating on plain images gave 83.03%, on cropped + flipped ones 87.48%.
+    """
+    from mobilebench.config import AugmentConfig
+    from mobilebench.loader import TensorLoader
+
+    loader = TensorLoader(split, batch_size, AugmentConfig(), source.mean, source.std, torch.device("cpu"),
+                          torch.Generator().manual_seed(seed), channels_last=False)
+    loader.image_size = source.image_size
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
     momenta = [m.momentum for m in norms]
     for m in norms:
@@ -212,7 +222,7 @@ def recalibrate_bn(model: nn.Module, split: Split, source: Source, batch_size: i
         m.momentum = None  # a plain average over the pass
     model.train()
     with torch.no_grad():
-        for x, _ in batches(split, source, batch_size):
+        for x, _ in loader:
             model(x)
     for m, momentum in zip(norms, momenta):
         m.momentum = momentum
@@ -277,6 +287,7 @@ def run_prune(config: Config, cfg_dict: dict[str, Any], run_dir: Path, use_check
     cfg = parse_prune(config.prune)
     path = need_checkpoint(config, USAGE)
     threads = set_threads(cfg.threads or config.trainer.threads)
+    set_cpu_allocator(config.trainer.cpu_allocator)  # the fine-tune is training: same policy as `train`
     torch.manual_seed(cfg.seed)
     source = load_source(path)
     data = source_data(source, config, use_checkpoint_data)
