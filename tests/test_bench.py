@@ -37,6 +37,11 @@ def test_bench_train_writes_both_figures_and_ratios(tmp_path: Path, capsys: pyte
     assert result["threads"] == 1 and result["baseline_threads"] == 1 and result["torch"] == torch.__version__
     assert result["device"].startswith("cpu") and result["precision"] in ("fp32", "bf16")
     assert result["model"] == "v3_small" and result["batch_size"] == 32 and result["baseline_workers"] == 2
+    # Each side under its own allocator policy: the trainer's default, and glibc's for the baseline.
+    from mobilebench.runtime import _glibc
+
+    expected = ("cache", "system") if _glibc() else ("n/a (not glibc)",) * 2
+    assert (result["cpu_allocator"], result["baseline_cpu_allocator"]) == expected
     assert len(result["rounds"]["train"]) == len(result["rounds"]["train_baseline"]) == 2
     out = capsys.readouterr().out
     assert "data pipeline alone" in out and "training steps" in out
