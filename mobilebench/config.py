@@ -75,6 +75,10 @@ class AugmentConfig:
     ramp: float = 0.8
     size_step: int = 4  # sizes are rounded down to a multiple of this
 
+    def needs_dataloader(self) -> bool:
+        """Whether a policy exists only per image (the torchvision DataLoader path), not batched."""
+        return self.policy != "none" or self.random_erasing > 0 or self.resize is not None
+
 
 @dataclass
 class OptimizerConfig:
@@ -200,7 +204,7 @@ def validate(cfg: Config) -> None:
         raise ConfigError(f"augment.ramp={a.ramp} must be a fraction of the epochs in [0, 1]")
     if a.min_size is not None and a.min_size > d.image_size:
         raise ConfigError(f"augment.min_size={a.min_size} is above data.image_size={d.image_size}; lower it or set augment.min_size=null")
-    if a.min_size is not None and (a.policy != "none" or a.random_erasing > 0 or a.resize is not None):
+    if a.min_size is not None and a.needs_dataloader():
         raise ConfigError("augment.min_size (progressive resizing) needs the in-memory loader: "
                           "set augment.policy=none, augment.random_erasing=0 and augment.resize=null, or augment.min_size=null")
     _choice("optimizer.name", o.name, OPTIMIZERS)

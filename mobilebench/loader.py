@@ -4,7 +4,7 @@ The standard pipeline decodes, crops and flips each 32x32 image in PIL inside Da
 workers; here the whole set is one tensor (on the training device when it fits) and each batch
 is cropped, flipped and cut out with a handful of batched ops (the airbench approach). Policies
 that only exist per image (TrivialAugment, AutoAugment, RandomErasing, Resize(224)) use the
-torchvision DataLoader path instead, chosen by `needs_dataloader`.
+torchvision DataLoader path instead, chosen by `AugmentConfig.needs_dataloader`.
 """
 
 from __future__ import annotations
@@ -19,10 +19,6 @@ from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # float [B, 3, H, W] normalized, int64 [B]
-
-
-def needs_dataloader(aug: AugmentConfig) -> bool:
-    return aug.policy != "none" or aug.random_erasing > 0 or aug.resize is not None
 
 
 def norm_planes(mean: list[float], std: list[float], size: tuple[int, int], channels_last: bool,
@@ -112,8 +108,8 @@ class TensorLoader:
     def __init__(self, split: Split, batch_size: int, aug: AugmentConfig, mean: list[float], std: list[float],
                  device: torch.device, gen: torch.Generator, channels_last: bool = True,
                  shard: tuple[int, int] = (0, 1)) -> None:
-        # Kept as NHWC: a batch is one contiguous row gather, crops copy whole pixel rows, and
-        # batches come out channels_last with no transposing copy.
+        # NHWC crop windows: a batch is one gather of whole pixel rows, and comes out channels_last
+        # with no transposing copy.
         self.windows = crop_windows(split.x.to(device).permute(0, 2, 3, 1), aug.crop_padding, aug.flip)
         self.y = split.y.to(device)
         self.batch_size, self.aug, self.gen, self.channels_last = batch_size, aug, gen, channels_last

@@ -74,11 +74,10 @@ def cpu_has_native_bf16() -> bool:
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto`: bf16 (fp16 where unsupported) on CUDA, fp32 on CPU.
 
-    fp32 on CPU by measurement, even with native bf16: on an AVX512-BF16 EPYC, bf16 autocast ran
-    v3_small's training step at 0.72x of fp32 at 32px and 0.38x at 16px, and v2 at 2.2x at 32px
-    but 0.63x at 16px (depthwise convs and the casts around them dominate small maps). Where v2 or
-    V3-Large train at full size for long, trainer.precision=bf16 is worth measuring.
-    AVX2-only CPUs emulate bf16 at about 0.12x of fp32.
+    fp32 on CPU by measurement, even with native bf16: on an AVX512-BF16 EPYC with
+    trainer.cpu_allocator=cache, bf16 autocast ran v3_small's training step at 0.50x of fp32 and
+    v2's at 1.01x (v2's earlier 2.2x at 32px was bf16 halving its activations below glibc's mmap
+    threshold, which the cache allocator removes). AVX2-only CPUs emulate bf16 at about 0.12x.
     """
     if name != "auto":
         if name == "fp16" and device.type == "cpu":

@@ -24,7 +24,7 @@ from mobilebench.checkpoint import CheckpointError, load_checkpoint, load_weight
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
-from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, needs_dataloader, progressive_size
+from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, progressive_size
 from mobilebench.runtime import (PRECISION_DTYPES, World, init_world, resolve_compile, resolve_device,
                                  resolve_precision, seed_everything, set_cpu_allocator, set_threads, shared_run_dir,
                                  sync_batchnorm, world_reduce)
@@ -282,7 +282,7 @@ def build_train_loader(cfg: Config, data: DataSplits, device: torch.device, gen:
     """The in-memory tensor loader, or torchvision's DataLoader for per-image policies."""
     shared = (data.train, cfg.data.batch_size, cfg.augment, data.mean, data.std, device, gen)
     options = {"channels_last": cfg.trainer.channels_last, "shard": (world.rank, world.size)}
-    if needs_dataloader(cfg.augment):
+    if cfg.augment.needs_dataloader():
         return DataLoaderPath(*shared, num_workers=cfg.data.num_workers, **options)
     return TensorLoader(*shared, **options)
 

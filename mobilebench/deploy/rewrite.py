@@ -119,11 +119,14 @@ def rewrite_for_int8(model: Any, se_gate: bool = True, hardswish: bool = True, p
             nodes.append(node)
     del graph.node[:]
     graph.node.extend(nodes)
-    used = {name for node in graph.node for name in node.input}
-    unused = [init for init in graph.initializer if init.name not in used]  # e.g. the replaced ReduceMean axes
-    for init in unused:
-        graph.initializer.remove(init)
+    _drop_unused_initializers(graph)  # e.g. the replaced ReduceMean axes
     return counts
+
+
+def _drop_unused_initializers(graph: Any) -> None:
+    used = {name for node in graph.node for name in node.input}
+    for init in [i for i in graph.initializer if i.name not in used]:
+        graph.initializer.remove(init)
 
 
 def _scalar(inits: dict[str, Any], name: str | None) -> float | None:
@@ -184,7 +187,5 @@ def fold_rescales(model: Any) -> int:
     kept = [n for n in kept if not (n.op_type == "DequantizeLinear" and n.output[0] not in needed)]
     del graph.node[:]
     graph.node.extend(kept)
-    used = {name for node in graph.node for name in node.input}
-    for init in [i for i in graph.initializer if i.name not in used]:
-        graph.initializer.remove(init)
+    _drop_unused_initializers(graph)
     return len(drop) // 2
