@@ -20,6 +20,7 @@ from mobilebench.models import (
     replace_classifier,
 )
 from mobilebench.models import weights as weights_module
+from mobilebench.models.blocks import ConvBNAct, ReLU6, make_activation
 from mobilebench.profile import count_macs, count_params
 
 TORCHVISION = {
@@ -188,6 +189,61 @@ def test_forward_backward(name: str) -> None:
     out = model(torch.randn(2, 3, 32, 32))
     nn.functional.cross_entropy(out, torch.tensor([1, 2])).backward()
     assert all(p.grad is not None for p in model.parameters())
+
+
+def test_relu6_in_place_matches_stock_relu6() -> None:
+    # Values on both bounds (0 and 6 exactly) and in between, reached through a weight so the
+    # activation's input is a non-leaf, as after a BN.
+    w = torch.tensor(2.0, requires_grad=True)
+    base = torch.linspace(-1.0, 4.0, 21)  # *2: -2 .. 8 in steps of 0.5, 0 and 6 included
+    grad_out = torch.randn(21)
+
+    def run(act: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
+        w.grad = None
+        h = base * w
+        with torch.profiler.profile() as prof:
+            out = act(h)
+        (out * grad_out).sum().backward()
+        cloned = any(e.name == "aten::clone" for e in prof.events())
+        return out.detach(), w.grad.clone(), cloned
+
+    ours = ReLU6(inplace=True).train()
+    out, grad, cloned = run(ours)
+    ref_out, ref_grad, _ = run(nn.ReLU6())
+    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
+    assert not cloned  # the point of the class: no copy of the input under autograd
+    assert run(nn.ReLU6(inplace=True))[2]  # what the stock in-place op does, so the check above can fail
+    with torch.no_grad():
+        h = base * 2.0
+        assert torch.equal(ours.eval()(h.clone()), ref_out)
+
+
+def test_activation_in_place_only_where_it_saves_a_copy() -> None:
+    assert make_activation("relu").inplace and make_activation("relu6").inplace
+    assert not make_activation("hardswish").inplace  # its gradient needs the input
+
+
+@pytest.mark.parametrize("name, expected", [("v1", 4), ("v2", 3), ("v3_small", 9), ("v3_large", 7)])
+def test_cpu_autocast_keeps_slow_depthwise_convs_in_fp32(name: str, expected: int) -> None:
+    model = build_model(name).train().to(memory_format=torch.channels_last)
+    convs = [m for m in model.modules() if isinstance(m, ConvBNAct)]
+    kept = [m for m in convs if m.fp32_under_cpu_autocast]
+    # Depthwise convs other than 3x3 stride 1: the strided ones and V3's 5x5 ones.
+    assert len(kept) == expected
+    assert all(m.conv.groups == m.in_channels > 1 and (m.kernel_size != 3 or m.stride != 1) for m in kept)
+    dtypes: dict[nn.Module, torch.dtype] = {}
+    for m in convs:
+        m.conv.register_forward_hook(lambda mod, args, out: dtypes.__setitem__(mod, out.dtype))
+    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = model(x)
+    nn.functional.cross_entropy(out.float(), torch.tensor([1, 2, 3, 4])).backward()
+    assert {m for m in convs if dtypes[m.conv] == torch.float32} == set(kept)
+    assert all(dtypes[m.conv] == torch.bfloat16 for m in convs if m not in kept)
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    # Without autocast nothing changes: every conv in the parameters' dtype.
+    model(x)
+    assert all(dtypes[m.conv] == torch.float32 for m in convs)
 
 
 def test_default_dropout() -> None:
