@@ -1,4 +1,4 @@
-"""Process-level runtime settings: glibc's allocator policy for big CPU tensors."""
+"""Process-level runtime settings: glibc's allocator policy for big CPU tensors, and `auto` precision."""
 
 from __future__ import annotations
 
@@ -7,8 +7,11 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
-from mobilebench.runtime import _glibc
+from mobilebench import runtime
+from mobilebench.errors import UserError
+from mobilebench.runtime import _glibc, resolve_precision
 
 # Runs in a fresh process: glibc's policy is process-wide and sticky once set.
 PROBE = r"""
@@ -61,3 +64,15 @@ def test_unknown_allocator_mode_is_refused() -> None:
         return
     with pytest.raises(ValueError, match="unknown cpu allocator"):
         set_cpu_allocator("jemalloc")
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_precision_is_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
+    # Native bf16 or not: bf16 cost a point of accuracy on the v3_small recipe (see resolve_precision).
+    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    cpu = torch.device("cpu")
+    assert resolve_precision("auto", cpu) == "fp32"
+    # An explicit choice always wins.
+    assert resolve_precision("bf16", cpu) == "bf16"
+    with pytest.raises(UserError, match="fp16 is not supported on CPU"):
+        resolve_precision("fp16", cpu)
