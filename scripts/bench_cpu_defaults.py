@@ -69,11 +69,11 @@ def make_parts(model_name: str, variant: Variant, steps_per_epoch: int, compiled
                         device=torch.device("cpu"), amp_dtype=PRECISION_DTYPES[variant.precision])
 
 
-def batches(batch_size: int, channels_last: bool, n: int = 4) -> list[tuple[torch.Tensor, torch.Tensor]]:
+def batches(batch_size: int, channels_last: bool, n: int = 4, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:
     gen = torch.Generator().manual_seed(0)
     out = []
     for _ in range(n):
-        x = torch.randn(batch_size, 3, 32, 32, generator=gen)
+        x = torch.randn(batch_size, 3, size, size, generator=gen)
         out.append((x.contiguous(memory_format=torch.channels_last) if channels_last else x,
                     torch.randint(0, 10, (batch_size,), generator=gen)))
     return out
@@ -97,10 +97,10 @@ def run_steps(parts: engine.Parts, data: list, steps: int) -> float:
 
 
 def measure_variants(model_name: str, names: list[str], batch_size: int, steps: int, warmup: int,
-                     rounds: int) -> dict[str, dict]:
+                     rounds: int, size: int = 32) -> dict[str, dict]:
     variants = {n: Variant.parse(n) for n in names}
     parts = {n: make_parts(model_name, v, steps) for n, v in variants.items()}
-    data = {n: batches(batch_size, v.channels_last) for n, v in variants.items()}
+    data = {n: batches(batch_size, v.channels_last, size=size) for n, v in variants.items()}
     seconds: dict[str, list[float]] = {n: [] for n in names}
     for r in range(rounds):
         order = names if r % 2 == 0 else names[::-1]
@@ -156,6 +156,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["v2", "v3_small"])
     p.add_argument("--variants", nargs="+", default=DEFAULT_VARIANTS)
     p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--image-size", type=int, default=32, help="side of the synthetic batches (progressive resizing trains at 16-28)")
     p.add_argument("--steps", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--rounds", type=int, default=2)
@@ -173,11 +174,12 @@ def main() -> None:
 
     env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     result = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-              "cpu_count": os.cpu_count(), "env": env, "batch_size": args.batch_size, "steps": args.steps,
+              "cpu_count": os.cpu_count(), "env": env, "batch_size": args.batch_size, "image_size": args.image_size,
+              "steps": args.steps,
               "rounds": args.rounds, "allocator": args.allocator, "load_average": list(os.getloadavg()), "models": {}}
     for model_name in args.models:
         entry = {"variants": measure_variants(model_name, args.variants, args.batch_size, args.steps, args.warmup,
-                                              args.rounds)}
+                                              args.rounds, args.image_size)}
         if args.compile_limit > 0:
             entry["compile"] = measure_compile(model_name, args.batch_size, args.steps, args.threads, args.compile_limit,
                                                args.allocator)
@@ -194,7 +196,8 @@ def print_table(result: dict) -> None:
 
     console = Console()
     for model_name, entry in result["models"].items():
-        table = Table(title=f"{model_name}: training step, batch {result['batch_size']}, images/s "
+        table = Table(title=f"{model_name}: training step, batch {result['batch_size']} at "
+                            f"{result.get('image_size', 32)}px, images/s "
                             f"(allocator {result['allocator']}, "
                             f"OMP_WAIT_POLICY={result['env']['OMP_WAIT_POLICY'] or 'unset'})")
         table.add_column("variant")
