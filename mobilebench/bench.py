@@ -68,16 +68,36 @@ class Timing:
     seconds: float = 0.0
     data_s: float = 0.0  # time spent waiting for batches (training only)
     per_round: list[float] = field(default_factory=list)
+    steps: int = 0  # training steps timed
+    page_faults: int | None = 0  # minor page faults of the process while they ran; None where unknown
 
     @property
     def images_per_s(self) -> float:
         return self.images / max(self.seconds, 1e-9)
 
-    def add(self, images: int, seconds: float, data_s: float = 0.0) -> None:
+    def add(self, images: int, seconds: float, data_s: float = 0.0, steps: int = 0,
+            page_faults: int | None = 0) -> None:
         self.images += images
         self.seconds += seconds
         self.data_s += data_s
         self.per_round.append(images / max(seconds, 1e-9))
+        self.steps += steps
+        self.page_faults = None if page_faults is None or self.page_faults is None else self.page_faults + page_faults
+
+    @property
+    def page_faults_per_step(self) -> float | None:
+        return None if self.page_faults is None else self.page_faults / max(self.steps, 1)
+
+
+def minor_page_faults() -> int | None:
+    """Minor page faults of this process so far (None off Unix). The standard loop's big tensors
+    are fresh mmaps each step under glibc's default policy, so its faults per step show what the
+    allocator costs it."""
+    try:
+        import resource
+    except ImportError:
+        return None
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def bench_settings(section: dict[str, Any]) -> BenchSettings:
@@ -284,6 +304,9 @@ def print_table(result: dict[str, Any]) -> None:
         f"{r['baseline_cpu_allocator']}. {r['device']}, torch {r['torch']}, load average {r['load_average']}.")
     console.print(f"Time waiting for data during training: mobilebench {100 * r['train_data_share']:.0f}%, "
                   f"baseline {100 * r['train_baseline_data_share']:.0f}%.")
+    if r["train_page_faults_per_step"] is not None:
+        console.print(f"Page faults per training step: mobilebench {r['train_page_faults_per_step']:,.0f}, "
+                      f"baseline {r['train_baseline_page_faults_per_step']:,.0f}.")
 
 
 def _load_average() -> list[float] | None:
@@ -387,8 +410,11 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
             side_settings(side is theirs_side)
             if settings.warmup_steps:
                 side.run(settings.warmup_steps)
+            faults = minor_page_faults()
             stats = side.run(settings.steps)
-            timing.add(stats.images, stats.seconds, stats.data_s)
+            after = minor_page_faults()
+            timing.add(stats.images, stats.seconds, stats.data_s, settings.steps,
+                       None if faults is None or after is None else after - faults)
             log.info("%s: %d steps, %.1f images/s (loss %.3f)", name, settings.steps, stats.images_per_s, stats.loss)
             if side is theirs_side:
                 settle(workers, batch_size, data_theirs.images_per_s)
@@ -409,6 +435,8 @@ def summarize(data_ours: Timing, data_theirs: Timing, train_ours: Timing, train_
         "train_ratio": ratio(train_ours.images_per_s, train_theirs.images_per_s),
         "train_data_share": train_ours.data_s / max(train_ours.seconds, 1e-9),
         "train_baseline_data_share": train_theirs.data_s / max(train_theirs.seconds, 1e-9),
+        "train_page_faults_per_step": train_ours.page_faults_per_step,
+        "train_baseline_page_faults_per_step": train_theirs.page_faults_per_step,
         "rounds": {"data": data_ours.per_round, "data_baseline": data_theirs.per_round,
                    "train": train_ours.per_round, "train_baseline": train_theirs.per_round},
     }

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobilebench.bench import BenchSettings, PILImages, bench_settings, standard_transform
+from mobilebench.bench import BenchSettings, PILImages, bench_settings, minor_page_faults, standard_transform
 from mobilebench.cli import main
 from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
@@ -43,8 +43,27 @@ def test_bench_train_writes_both_figures_and_ratios(tmp_path: Path, capsys: pyte
     expected = ("cache", "system") if _glibc() else ("n/a (not glibc)",) * 2
     assert (result["cpu_allocator"], result["baseline_cpu_allocator"]) == expected
     assert len(result["rounds"]["train"]) == len(result["rounds"]["train_baseline"]) == 2
+    for key in ("train_page_faults_per_step", "train_baseline_page_faults_per_step"):
+        assert result[key] is None or result[key] >= 0, key
     out = capsys.readouterr().out
     assert "data pipeline alone" in out and "training steps" in out
+    if result["train_page_faults_per_step"] is not None:
+        assert "Page faults per training step" in out
+
+
+@pytest.mark.skipif(minor_page_faults() is None, reason="getrusage is Unix-only")
+def test_minor_page_faults_counts_first_touches() -> None:
+    import mmap
+
+    size = 16 << 20
+    region = mmap.mmap(-1, size)  # anonymous: every page faults on its first write
+    if hasattr(mmap, "MADV_NOHUGEPAGE"):
+        region.madvise(mmap.MADV_NOHUGEPAGE)  # one fault per base page even where THP is "always"
+    before = minor_page_faults()
+    for offset in range(0, size, mmap.PAGESIZE):
+        region[offset] = 1
+    assert minor_page_faults() - before >= size // mmap.PAGESIZE
+    region.close()
 
 
 def test_bench_settings_type_check_own_keys_and_pass_latency_keys() -> None:
