@@ -412,9 +412,8 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
                 side.run(settings.warmup_steps)
             faults = minor_page_faults()
             stats = side.run(settings.steps)
-            after = minor_page_faults()
-            timing.add(stats.images, stats.seconds, stats.data_s, settings.steps,
-                       None if faults is None or after is None else after - faults)
+            faults = None if faults is None else minor_page_faults() - faults  # None: not countable here
+            timing.add(stats.images, stats.seconds, stats.data_s, settings.steps, faults)
             log.info("%s: %d steps, %.1f images/s (loss %.3f)", name, settings.steps, stats.images_per_s, stats.loss)
             if side is theirs_side:
                 settle(workers, batch_size, data_theirs.images_per_s)

@@ -175,8 +175,7 @@ def main() -> None:
     env = {k: os.environ.get(k) for k in ("OMP_WAIT_POLICY", "OMP_NUM_THREADS", "GOMP_SPINCOUNT")}
     result = {"torch": torch.__version__, "cpu_capability": torch.backends.cpu.get_cpu_capability(),
               "cpu_count": os.cpu_count(), "env": env, "batch_size": args.batch_size, "image_size": args.image_size,
-              "steps": args.steps,
-              "rounds": args.rounds, "allocator": args.allocator, "load_average": list(os.getloadavg()), "models": {}}
+              "steps": args.steps, "rounds": args.rounds, "allocator": args.allocator, "load_average": list(os.getloadavg()), "models": {}}
     for model_name in args.models:
         entry = {"variants": measure_variants(model_name, args.variants, args.batch_size, args.steps, args.warmup,
                                               args.rounds, args.image_size)}
@@ -197,7 +196,7 @@ def print_table(result: dict) -> None:
     console = Console()
     for model_name, entry in result["models"].items():
         table = Table(title=f"{model_name}: training step, batch {result['batch_size']} at "
-                            f"{result.get('image_size', 32)}px, images/s "
+                            f"{result['image_size']}px, images/s "
                             f"(allocator {result['allocator']}, "
                             f"OMP_WAIT_POLICY={result['env']['OMP_WAIT_POLICY'] or 'unset'})")
         table.add_column("variant")

@@ -358,3 +358,29 @@ def test_cli_prints_one_line_for_a_missing_checkpoint(tmp_path: Path) -> None:
     assert result.returncode == 2
     lines = result.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("mobilebench: error: checkpoint") and "does not exist" in lines[0]
+
+
+def test_graph_edit_that_changes_the_logits_is_refused(tmp_path: Path) -> None:
+    import numpy as np
+    from onnx import TensorProto, helper, numpy_helper
+
+    from mobilebench.deploy.quantize import _save_if_same_logits
+
+    # logits = x @ W, a one-node graph
+    w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")
+    graph = helper.make_graph([helper.make_node("MatMul", ["x", "W"], ["logits"])], "linear",
+                              [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+                              [helper.make_tensor_value_info("logits", TensorProto.FLOAT, ["n", 3])], [w])
+    reference = tmp_path / "linear.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8), str(reference))
+    arrays = [np.random.default_rng(0).standard_normal((16, 4)).astype(np.float32)]
+    same = tmp_path / "same.onnx"
+    _save_if_same_logits(onnx.load(str(reference)), reference, same, arrays, "a no-op edit changed the logits")
+    assert same.exists()
+    model = onnx.load(str(reference))
+    weight = model.graph.initializer[0]
+    weight.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(weight) * 2, weight.name))
+    changed = tmp_path / "changed.onnx"
+    with pytest.raises(UserError, match=r"doubling changed the logits by .*quantize.rewrite=false"):
+        _save_if_same_logits(model, reference, changed, arrays, "doubling changed the logits")
+    assert not changed.exists()

@@ -261,41 +261,35 @@ def _checked_rewrite(fp32: Path, out: Path, arrays: list[np.ndarray], exclude_gr
     """Write the int8-friendly rewrite of `fp32` to `out`, refusing it unless it computes the same logits."""
     from mobilebench.deploy.rewrite import rewrite_for_int8
 
-    onnx = require("onnx")
-    model = onnx.load(str(fp32))
+    model = require("onnx").load(str(fp32))
     counts = rewrite_for_int8(model, se_gate="se" not in exclude_groups, hardswish="hardswish" not in exclude_groups)
-    onnx.save(model, str(out))
-    diff = _logit_change(fp32, out, arrays)
-    if diff is not None:
-        raise UserError(f"the int8-friendly graph rewrite changed the fp32 logits by {diff:.3g}; run with quantize.rewrite=false")
+    _save_if_same_logits(model, fp32, out, arrays, "the int8-friendly graph rewrite changed the fp32 logits")
     return counts
-
-
-def _logit_change(before: Path, after: Path, arrays: list[np.ndarray]) -> float | None:
-    """Max logit difference between two ONNX graphs on 16 calibration images, or None when it is
-    within 1e-3 of the logits' scale (a rewrite that should not change the function)."""
-    x = arrays[0][:16]
-    ref, new = ort_run(ort_session(before, 1), x), ort_run(ort_session(after, 1), x)
-    diff = float(np.abs(ref - new).max())
-    return diff if diff > 1e-3 * max(1.0, float(np.abs(ref).max())) else None
 
 
 def _checked_fold(int8: Path, arrays: list[np.ndarray]) -> int:
     """Fold the int8 graph's constant rescales (rewrite.fold_rescales) in place, refusing a changed result."""
     from mobilebench.deploy.rewrite import fold_rescales
 
-    onnx = require("onnx")
-    model = onnx.load(str(int8))
+    model = require("onnx").load(str(int8))
     folded = fold_rescales(model)
     if folded:
         candidate = int8.with_name(int8.stem + ".folded.onnx")
-        onnx.save(model, str(candidate))
-        diff = _logit_change(int8, candidate, arrays)
-        if diff is not None:
-            candidate.unlink()
-            raise UserError(f"folding the int8 rescales changed the logits by {diff:.3g}; run with quantize.rewrite=false")
+        _save_if_same_logits(model, int8, candidate, arrays, "folding the int8 rescales changed the logits")
         candidate.replace(int8)
     return folded
+
+
+def _save_if_same_logits(model: Any, reference: Path, out: Path, arrays: list[np.ndarray], what: str) -> None:
+    """Save the edited ONNX `model` to `out` and keep it only if its logits on 16 calibration images
+    stay within 1e-3 of the logits' scale from `reference` (an edit that should not change the function)."""
+    require("onnx").save(model, str(out))
+    x = arrays[0][:16]
+    ref, new = ort_run(ort_session(reference, 1), x), ort_run(ort_session(out, 1), x)
+    diff = float(np.abs(ref - new).max())
+    if diff > 1e-3 * max(1.0, float(np.abs(ref).max())):
+        out.unlink()
+        raise UserError(f"{what} by {diff:.3g}; run with quantize.rewrite=false")
 
 
 def quantize_static(fp32: Path, out: Path, arrays: list[np.ndarray], cfg: QuantizeConfig, family: str) -> dict[str, Any]:
