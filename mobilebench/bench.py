@@ -401,7 +401,7 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
     ours_side = EngineSide(engine_parts(config, data.num_classes, device, precision, len(our_loader)), ours)
     torch.manual_seed(seed)
     base_model = build(config, data.num_classes).to(device)
-    theirs_side = BaselineSide(base_model, build_optimizer(config, base_model, scaled_lr(config, World())),
+    theirs_side = BaselineSide(base_model, build_optimizer(config, base_model, scaled_lr(config, World()), fused=False),
                                nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing), theirs, device)
     train_ours, train_theirs = Timing(), Timing()
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import json
 import math
 from pathlib import Path
@@ -11,9 +12,9 @@ import torch
 
 from mobilebench.checkpoint import load_checkpoint, load_model
 from mobilebench.config import MODELS
-from mobilebench.train import lr_factor, param_groups
+from mobilebench.train import build_optimizer, lr_factor, param_groups
 
-from .conftest import TINY, run_cli, train_run
+from .conftest import TINY, compose_config, run_cli, train_run
 
 METRIC_KEYS = {"epoch", "lr", "train_loss", "train_acc", "val_loss", "val_acc", "epoch_s", "train_images_per_s"}
 SUMMARY_KEYS = {"model", "params", "macs", "image_size", "best_val_acc", "test_acc", "test_top5", "train_s",
@@ -89,6 +90,29 @@ def test_weight_decay_skips_norm_and_bias() -> None:
     assert {p.ndim for p in decay["params"]} == {2, 4} and decay["weight_decay"] == 0.1
     assert {p.ndim for p in no_decay["params"]} == {1} and no_decay["weight_decay"] == 0.0
     assert len(decay["params"]) + len(no_decay["params"]) == len(list(model.parameters()))
+
+
+@pytest.mark.parametrize("name", ["sgd", "adam", "adamw", "rmsprop"])
+def test_fused_optimizer_takes_the_default_implementations_steps(name: str) -> None:
+    config, _ = compose_config([f"optimizer={name}", "optimizer.weight_decay=0.01"])
+    torch.manual_seed(0)
+    # No conv bias before the BN: its gradient is zero up to rounding, which Adam's update would amplify.
+    models = [torch.nn.Sequential(torch.nn.Conv2d(3, 8, 3, bias=False), torch.nn.BatchNorm2d(8), torch.nn.Flatten(),
+                                  torch.nn.Linear(8 * 9, 4))]
+    models.append(copy.deepcopy(models[0]))
+    start = models[0][0].weight.detach().clone()
+    fast, plain = (build_optimizer(config, m, 0.05, fused=f) for m, f in zip(models, (True, False)))
+    kernel = "foreach" if name == "rmsprop" else "fused"
+    assert fast.defaults[kernel] is True and not plain.defaults.get("fused") and plain.defaults["foreach"] is None
+    x, y = torch.randn(16, 3, 5, 5), torch.randint(0, 4, (16,))
+    for _ in range(3):
+        for model, opt in zip(models, (fast, plain)):
+            opt.zero_grad()
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+    for a, b in zip(models[0].parameters(), models[1].parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert not torch.allclose(models[0][0].weight, start)  # the steps moved the weights
 
 
 def test_cli_train_then_eval(tmp_path: Path) -> None:
