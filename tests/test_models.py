@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import urllib.error
+from collections.abc import Callable
 
 import pytest
 import torch
@@ -20,7 +21,7 @@ from mobilebench.models import (
     replace_classifier,
 )
 from mobilebench.models import weights as weights_module
-from mobilebench.models.blocks import ConvBNAct, ReLU6, make_activation
+from mobilebench.models.blocks import ConvBNAct, ReLU6, SqueezeExcitation, make_activation
 from mobilebench.profile import count_macs, count_params
 
 TORCHVISION = {
@@ -216,6 +217,40 @@ def test_relu6_in_place_matches_stock_relu6() -> None:
     with torch.no_grad():
         h = base * 2.0
         assert torch.equal(ours.eval()(h.clone()), ref_out)
+
+
+@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
+def test_squeeze_excite_training_path_matches_the_stock_graph(memory_format: torch.memory_format) -> None:
+    torch.manual_seed(0)
+    se = SqueezeExcitation(24, 8).train()
+    with torch.no_grad():
+        se.fc2.bias.fill_(1.0)  # keep most gate inputs inside (-3, 3), where hard-sigmoid has a slope
+    x = torch.randn(4, 24, 5, 6).contiguous(memory_format=memory_format)
+    grad_out = torch.randn(4, 24, 5, 6)
+
+    def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[str, list[torch.Tensor]]:
+        se.zero_grad()
+        leaf = x.clone().requires_grad_()
+        h = leaf * 1.5  # a non-leaf input, as after a BN
+        out = forward(h)
+        (out * grad_out).sum().backward()
+        return type(out.grad_fn).__name__, [out.detach(), leaf.grad, *(p.grad for p in se.parameters())]
+
+    def stock(h: torch.Tensor) -> torch.Tensor:
+        return h * se.gate(se.fc2(se.act(se.fc1(se.pool(h)))))
+
+    node, ours = run(se)
+    ref_node, ref = run(stock)
+    assert node == "_SqueezeExciteBackward" and ref_node != node  # the hand-written path ran, the stock one did not
+    assert ours[0].is_contiguous(memory_format=memory_format) and ours[1].is_contiguous(memory_format=memory_format)
+    for a, b in zip(ours, ref):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert ours[3].abs().sum() > 0  # fc1's weight learns: the gate is not saturated
+    # Eval and autocast keep the stock graph.
+    assert run(se.eval())[0] == ref_node
+    se.train()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        assert run(se)[0] != node
 
 
 def test_activation_in_place_only_where_it_saves_a_copy() -> None:

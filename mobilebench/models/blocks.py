@@ -13,6 +13,7 @@ lets :func:`mobilebench.models.load_torchvision_weights` pair tensors by order.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
@@ -45,10 +46,17 @@ class ReLU6(nn.ReLU6):
     """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (self.inplace and self.training and torch.is_grad_enabled() and x.requires_grad
-                and not torch.compiler.is_compiling()):
+        if self.inplace and _eager_training(self, x):
             return _ReLU6InPlace.apply(x)
         return super().forward(x)
+
+
+def _eager_training(module: nn.Module, x: torch.Tensor) -> bool:
+    """Whether a block may take its hand-written training path: eager autograd in train mode.
+
+    Eval, no-grad and compiled graphs (and so export and quantization) take the stock modules.
+    """
+    return module.training and torch.is_grad_enabled() and x.requires_grad and not torch.compiler.is_compiling()
 
 
 ACTIVATIONS: dict[str, type[nn.Module]] = {
@@ -195,8 +203,46 @@ class SqueezeExcitation(nn.Module):
         self.gate = nn.Hardsigmoid()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if _eager_training(self, x) and not torch.is_autocast_enabled(x.device.type):
+            return _SqueezeExcite.apply(x, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias)
         scale = self.gate(self.fc2(self.act(self.fc1(self.pool(x)))))
         return x * scale
+
+
+def _se_gate(pooled: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor, w2: torch.Tensor,
+             b2: torch.Tensor) -> torch.Tensor:
+    """SE's gate on pooled [N, C] rows, its 1x1 convs run as the matmuls they are."""
+    return F.hardsigmoid(F.linear(F.relu(F.linear(pooled, w1.flatten(1), b1)), w2.flatten(1), b2))
+
+
+class _SqueezeExcite(torch.autograd.Function):
+    """``x * gate(mean(x))`` for training, with both of x's gradient terms formed in one pass.
+
+    Autograd's own graph writes the pooled term's gradient out at full size, then adds it to the
+    direct term's, and runs the two 1x1 convs through oneDNN on 1x1 maps. Here the gate runs as
+    matmuls and its backward is autograd's on [N, C] rows. v3_small, batch 128, 32px, CL fp32 on a
+    2-core EPYC, steps alternating in one process: 633 -> 678 images/s (median of 5 rounds).
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, w1: torch.Tensor, b1: torch.Tensor,
+                w2: torch.Tensor, b2: torch.Tensor) -> torch.Tensor:
+        pooled = x.mean((2, 3))
+        scale = _se_gate(pooled, w1, b1, w2, b2)[:, :, None, None]
+        ctx.save_for_backward(x, pooled, scale, w1, b1, w2, b2)
+        return x * scale
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        x, pooled, scale, *params = ctx.saved_tensors  # type: ignore[attr-defined]
+        grad_scale = (grad * x).sum((2, 3))
+        with torch.enable_grad():  # the gate is tiny: recompute it rather than keep its graph
+            leaves = [t.detach().requires_grad_() for t in (pooled, *params)]
+            grads = torch.autograd.grad(_se_gate(*leaves), leaves, grad_scale)
+        # The pooled term reaches every one of the H*W positions that the mean averaged.
+        grad_x = torch.addcmul(grads[0][:, :, None, None] / (x.shape[2] * x.shape[3]), grad, scale)
+        return (grad_x, *grads[1:])
 
 
 def se_squeeze_channels(hidden_channels: int) -> int:
