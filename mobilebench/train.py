@@ -111,16 +111,16 @@ def build_optimizer(cfg: Config, model: nn.Module, lr: float, fused: bool = True
     """
     o = cfg.optimizer
     groups = param_groups(model, o.weight_decay)
-    on_kernel_device = fused and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"])
-    impl = {"fused": True} if on_kernel_device else {}
+    impl: dict[str, bool] = {}
+    if fused and all(p.device.type in ("cpu", "cuda") for g in groups for p in g["params"]):
+        impl = {"foreach" if o.name == "rmsprop" else "fused": True}  # RMSprop has no fused kernel
     if o.name == "sgd":
         return torch.optim.SGD(groups, lr=lr, momentum=o.momentum, nesterov=o.nesterov and o.momentum > 0, **impl)
     if o.name == "adam":
         return torch.optim.Adam(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, **impl)
     if o.name == "adamw":
         return torch.optim.AdamW(groups, lr=lr, betas=tuple(o.betas), eps=o.eps, **impl)
-    return torch.optim.RMSprop(groups, lr=lr, alpha=o.alpha, eps=o.eps, momentum=o.momentum,
-                               **({"foreach": True} if on_kernel_device else {}))
+    return torch.optim.RMSprop(groups, lr=lr, alpha=o.alpha, eps=o.eps, momentum=o.momentum, **impl)
 
 
 def lr_factor(step: int, total_steps: int, warmup_steps: int, kind: str, eta_min_ratio: float = 0.0,
