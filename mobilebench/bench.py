@@ -299,7 +299,7 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"mobilebench: {r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}, "
-        f"{r['threads']} threads, allocator {r['cpu_allocator']}; baseline: fp32, NCHW, eager, "
+        f"{r['threads']} threads, allocator {r['cpu_allocator']}, native kernels {r['native_kernels']}; baseline: fp32, NCHW, eager, "
         f"DataLoader(num_workers={r['baseline_workers']}), {r['baseline_threads']} threads, allocator "
         f"{r['baseline_cpu_allocator']}. {r['device']}, torch {r['torch']}, load average {r['load_average']}.")
     console.print(f"Time waiting for data during training: mobilebench {100 * r['train_data_share']:.0f}%, "
@@ -307,6 +307,14 @@ def print_table(result: dict[str, Any]) -> None:
     if r["train_page_faults_per_step"] is not None:
         console.print(f"Page faults per training step: mobilebench {r['train_page_faults_per_step']:,.0f}, "
                       f"baseline {r['train_baseline_page_faults_per_step']:,.0f}.")
+
+
+def native_kernels_state() -> str:
+    """`on`, or `off: <why>` (models.native: V3's 5x5 depthwise weight gradients on the CPU)."""
+    from mobilebench.models import native
+
+    reason = native.unavailable_reason()
+    return f"off: {reason}" if reason else "on"
 
 
 def _load_average() -> list[float] | None:
@@ -352,6 +360,7 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
         "native_bf16": cpu_has_native_bf16(),
         "cpu_count": os.cpu_count(), "precision": precision, "channels_last": config.trainer.channels_last,
         "compile": resolve_compile(config.trainer.compile, device), "threads": threads,
+        "native_kernels": native_kernels_state(),
         "cpu_allocator": config.trainer.cpu_allocator if glibc else "n/a (not glibc)",
         "baseline_cpu_allocator": "system" if glibc else "n/a (not glibc)",
         "baseline_threads": baseline_threads, "baseline_workers": settings.baseline_workers,

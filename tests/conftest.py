@@ -42,3 +42,11 @@ def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subpro
 @pytest.fixture
 def tiny() -> list[str]:
     return list(TINY)
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _native_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Build the native kernel into this run's temp dir, not the user's cache (subprocesses inherit it)."""
+    import os
+
+    os.environ["MOBILEBENCH_CACHE"] = str(tmp_path_factory.mktemp("mobilebench-cache"))

@@ -43,6 +43,10 @@ def test_bench_train_writes_both_figures_and_ratios(tmp_path: Path, capsys: pyte
     expected = ("cache", "system") if _glibc() else ("n/a (not glibc)",) * 2
     assert (result["cpu_allocator"], result["baseline_cpu_allocator"]) == expected
     assert len(result["rounds"]["train"]) == len(result["rounds"]["train_baseline"]) == 2
+    from mobilebench.models import native
+
+    assert result["native_kernels"] == ("on" if native.unavailable_reason() == "" else
+                                        f"off: {native.unavailable_reason()}")
     for key in ("train_page_faults_per_step", "train_baseline_page_faults_per_step"):
         assert result[key] is None or result[key] >= 0, key
     out = capsys.readouterr().out

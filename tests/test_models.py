@@ -266,19 +266,21 @@ def test_cpu_autocast_keeps_slow_depthwise_convs_in_fp32(name: str, expected: in
     # Depthwise convs other than 3x3 stride 1: the strided ones and V3's 5x5 ones.
     assert len(kept) == expected
     assert all(m.conv.groups == m.in_channels > 1 and (m.kernel_size != 3 or m.stride != 1) for m in kept)
+    # The conv's output dtype, read where BN takes it in: 5x5 depthwise training convs run through
+    # _DepthwiseConv, not the nn.Conv2d module.
     dtypes: dict[nn.Module, torch.dtype] = {}
     for m in convs:
-        m.conv.register_forward_hook(lambda mod, args, out: dtypes.__setitem__(mod, out.dtype))
+        m.bn.register_forward_hook(lambda mod, args, out, m=m: dtypes.__setitem__(m, args[0].dtype))
     x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = model(x)
     nn.functional.cross_entropy(out.float(), torch.tensor([1, 2, 3, 4])).backward()
-    assert {m for m in convs if dtypes[m.conv] == torch.float32} == set(kept)
-    assert all(dtypes[m.conv] == torch.bfloat16 for m in convs if m not in kept)
+    assert {m for m in convs if dtypes[m] == torch.float32} == set(kept)
+    assert all(dtypes[m] == torch.bfloat16 for m in convs if m not in kept)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
     # Without autocast nothing changes: every conv in the parameters' dtype.
     model(x)
-    assert all(dtypes[m.conv] == torch.float32 for m in convs)
+    assert all(dtypes[m] == torch.float32 for m in convs)
 
 
 def test_default_dropout() -> None:

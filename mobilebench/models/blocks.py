@@ -17,6 +17,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
 
+from mobilebench.models import native
+
 
 class _ReLU6InPlace(torch.autograd.Function):
     """Clamp to [0, 6] in place and take the gradient mask from the output."""
@@ -150,12 +152,51 @@ class ConvBNAct(nn.Module):
         self.bn = nn.BatchNorm2d(out_channels, eps=bn_eps, momentum=bn_momentum)
         self.act = make_activation(activation) if activation is not None else nn.Identity()
         self.fp32_under_cpu_autocast = fp32_under_cpu_autocast(in_channels, groups, kernel_size, stride)
+        # Where oneDNN's depthwise weight gradient is slow and the native one pays: 5x5 and up
+        # (3x3 layers measured 1.0-3.4x slower with it, see models/native.py).
+        self.native_weight_grad = groups == in_channels > 1 and kernel_size >= 5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp32_under_cpu_autocast and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
             with torch.autocast("cpu", enabled=False):
-                return self.act(self.bn(self.conv(x.float())))
-        return self.act(self.bn(self.conv(x)))
+                return self.act(self.bn(self._conv(x.float())))
+        return self.act(self.bn(self._conv(x)))
+
+    def _conv(self, x: torch.Tensor) -> torch.Tensor:
+        conv = self.conv
+        if (self.native_weight_grad and type(conv) is nn.Conv2d and _eager_training(self, x) and native.supports(x)
+                and not torch.is_autocast_enabled("cpu")):
+            return _DepthwiseConv.apply(x, conv.weight, self.stride, conv.padding[0])
+        return conv(x)
+
+
+class _DepthwiseConv(torch.autograd.Function):
+    """Bias-free depthwise conv whose weight gradient comes from :mod:`mobilebench.models.native`.
+
+    Forward and input gradient are oneDNN's, as in ``nn.Conv2d``; an output gradient the native
+    kernel cannot read (not channels_last) takes oneDNN's weight gradient too.
+    """
+
+    @staticmethod
+    def forward(ctx: torch.autograd.function.FunctionCtx, x: torch.Tensor, weight: torch.Tensor, stride: int,
+                padding: int) -> torch.Tensor:
+        ctx.save_for_backward(x, weight)
+        ctx.stride, ctx.padding = stride, padding  # type: ignore[attr-defined]
+        return F.conv2d(x, weight, None, stride, padding, 1, weight.shape[0])
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx: torch.autograd.function.FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, ...]:
+        x, weight = ctx.saved_tensors  # type: ignore[attr-defined]
+        s, p = ctx.stride, ctx.padding  # type: ignore[attr-defined]
+        want_x, want_w = ctx.needs_input_grad[:2]  # type: ignore[attr-defined]
+        native_w = want_w and native.supports(grad)
+        grad_x, grad_w, _ = torch.ops.aten.convolution_backward(
+            grad, x, weight, None, [s, s], [p, p], [1, 1], False, [0, 0], weight.shape[0],
+            [want_x, want_w and not native_w, False])
+        if native_w:
+            grad_w = native.depthwise_weight_grad(grad, x, weight.shape[-1], s, p)
+        return grad_x, grad_w, None, None
 
 
 class DepthwiseSeparable(nn.Module):
