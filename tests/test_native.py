@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 import torch.nn.functional as F
+import torch.nn.utils.prune
 
 from mobilebench.models import ConvBNAct, build_model, native
 
@@ -110,3 +111,26 @@ def test_the_build_is_cached_and_can_be_turned_off(tmp_path: Path, monkeypatch: 
     finally:
         monkeypatch.undo()
         native._library.cache_clear()
+
+
+def test_hooked_or_pruned_convs_keep_the_stock_call(monkeypatch: pytest.MonkeyPatch) -> None:
+    calls = []
+    kernel = native.depthwise_weight_grad
+    monkeypatch.setattr(native, "depthwise_weight_grad", lambda *a: calls.append(a) or kernel(*a))
+    block = ConvBNAct(16, 16, kernel_size=5, groups=16).train().to(memory_format=torch.channels_last)
+    x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
+
+    seen = []
+    handle = block.conv.register_forward_hook(lambda *_: seen.append(1))
+    block(x).sum().backward()
+    assert seen == [1] and calls == []  # the hook ran, so the module was called
+    handle.remove()
+
+    # torch.nn.utils.prune recomputes `weight` from weight_orig * mask in a pre-hook.
+    torch.nn.utils.prune.l1_unstructured(block.conv, "weight", amount=0.5)
+    block(x).sum().backward()
+    block(x).sum().backward()  # a stale weight tensor would fail here (its graph is freed)
+    assert calls == [] and block.conv.weight_orig.grad is not None
+    torch.nn.utils.prune.remove(block.conv, "weight")
+    block(x).sum().backward()
+    assert len(calls) == 1

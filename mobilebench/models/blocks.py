@@ -154,7 +154,7 @@ class ConvBNAct(nn.Module):
         self.fp32_under_cpu_autocast = fp32_under_cpu_autocast(in_channels, groups, kernel_size, stride)
         # Where oneDNN's depthwise weight gradient is slow and the native one pays: 5x5 and up
         # (3x3 layers measured 1.0-3.4x slower with it, see models/native.py).
-        self.native_weight_grad = groups == in_channels > 1 and kernel_size >= 5
+        self.native_weight_grad = groups == in_channels == out_channels > 1 and kernel_size >= 5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.fp32_under_cpu_autocast and x.device.type == "cpu" and torch.is_autocast_enabled("cpu"):
@@ -164,10 +164,20 @@ class ConvBNAct(nn.Module):
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if (self.native_weight_grad and type(conv) is nn.Conv2d and _eager_training(self, x) and native.supports(x)
+        if (self.native_weight_grad and _plain_conv(conv) and _eager_training(self, x) and native.supports(x)
                 and not torch.is_autocast_enabled("cpu")):
             return _DepthwiseConv.apply(x, conv.weight, self.stride, conv.padding[0])
         return conv(x)
+
+
+def _plain_conv(conv: nn.Module) -> bool:
+    """An ``nn.Conv2d`` that calling directly would not change: no hooks (``torch.nn.utils.prune``
+    recomputes the weight in one), no parametrization, and a plain depthwise weight."""
+    from torch.nn.modules import module as m
+
+    return (type(conv) is nn.Conv2d and isinstance(conv.weight, nn.Parameter) and conv.groups == conv.weight.shape[0]
+            and not (conv._forward_pre_hooks or conv._forward_hooks or m._global_forward_pre_hooks
+                     or m._global_forward_hooks))
 
 
 class _DepthwiseConv(torch.autograd.Function):
