@@ -153,7 +153,7 @@ class ConvBNAct(nn.Module):
         self.act = make_activation(activation) if activation is not None else nn.Identity()
         self.fp32_under_cpu_autocast = fp32_under_cpu_autocast(in_channels, groups, kernel_size, stride)
         # Where oneDNN's depthwise weight gradient is slow and the native one pays: 5x5 and up
-        # (3x3 layers measured 1.0-3.4x slower with it, see models/native.py).
+        # (3x3 layers measured 1.04-3.2x slower with it, see models/native.py).
         self.native_weight_grad = groups == in_channels == out_channels > 1 and kernel_size >= 5
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -2,8 +2,10 @@
 
 oneDNN's depthwise backward-weights reaches 7-11 GMAC/s on V3's 5x5 layers at CIFAR sizes
 (2-core EPYC, batch 128, channels_last, cold cache: 240 channels at 8px 5.1 ms). The plain loop in
-``depthwise_grad.c``, compiled for the host CPU, takes 1.6 ms there; side by side in whole
-v3_small training steps it gave 658 -> 712 images/s at 32px and 1,735 -> 2,011 at 16px.
+``depthwise_grad.c``, compiled for the host CPU, takes 1.6 ms there (1.2-1.8 ms against 2.4-5.1 on
+v3_small's 5x5 layers). On 3x3 layers it is no faster (72 channels, stride 2, 32px: 1.90 vs
+1.83 ms; 16 channels at 32px: 2.17 vs 0.67), so blocks use it for 5x5 only. Whole v3_small
+training steps, alternating in one process: 664 -> 710 images/s at 32px, 1,814 -> 2,041 at 16px.
 
 The library is built on first use with the system C compiler (``$CC`` or ``cc``) into a per-user
 cache keyed by the source, the compiler, its flags and the CPU, and loaded with ctypes. No compiler,
