@@ -18,6 +18,15 @@ def onednn_weight_grad(grad: torch.Tensor, x: torch.Tensor, k: int, s: int, p: i
                                                x.shape[1], [False, True, False])[1]
 
 
+@pytest.fixture
+def kernel_calls(monkeypatch: pytest.MonkeyPatch) -> list[tuple]:
+    """The argument tuples of every native.depthwise_weight_grad call made during the test."""
+    calls: list[tuple] = []
+    kernel = native.depthwise_weight_grad
+    monkeypatch.setattr(native, "depthwise_weight_grad", lambda *a: calls.append(a) or kernel(*a))
+    return calls
+
+
 def test_the_kernel_builds_where_a_c_compiler_is_found() -> None:
     if native._compiler() is None:
         assert "no C compiler" in native.unavailable_reason()
@@ -51,10 +60,8 @@ def test_native_weight_grad_matches_onednn(n: int, c: int, size: int, k: int, s:
 
 
 @pytest.mark.parametrize("stride", [1, 2])
-def test_depthwise_training_path_matches_the_stock_conv(stride: int, monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    kernel = native.depthwise_weight_grad
-    monkeypatch.setattr(native, "depthwise_weight_grad", lambda *a: calls.append(a) or kernel(*a))
+def test_depthwise_training_path_matches_the_stock_conv(stride: int, kernel_calls: list[tuple]) -> None:
+    calls = kernel_calls
     torch.manual_seed(0)
     block = ConvBNAct(24, 24, kernel_size=5, stride=stride, groups=24, activation="hardswish").train()
     block = block.to(memory_format=torch.channels_last)
@@ -113,10 +120,8 @@ def test_the_build_is_cached_and_can_be_turned_off(tmp_path: Path, monkeypatch: 
         native._library.cache_clear()
 
 
-def test_hooked_or_pruned_convs_keep_the_stock_call(monkeypatch: pytest.MonkeyPatch) -> None:
-    calls = []
-    kernel = native.depthwise_weight_grad
-    monkeypatch.setattr(native, "depthwise_weight_grad", lambda *a: calls.append(a) or kernel(*a))
+def test_hooked_or_pruned_convs_keep_the_stock_call(kernel_calls: list[tuple]) -> None:
+    calls = kernel_calls
     block = ConvBNAct(16, 16, kernel_size=5, groups=16).train().to(memory_format=torch.channels_last)
     x = torch.randn(2, 16, 6, 6).contiguous(memory_format=torch.channels_last).requires_grad_()
 

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 from torch.autograd.function import once_differentiable
+from torch.nn.modules import module as _module
 
 from mobilebench.models import native
 
@@ -164,20 +165,18 @@ class ConvBNAct(nn.Module):
 
     def _conv(self, x: torch.Tensor) -> torch.Tensor:
         conv = self.conv
-        if (self.native_weight_grad and _plain_conv(conv) and _eager_training(self, x) and native.supports(x)
+        if (self.native_weight_grad and _eager_training(self, x) and _plain_conv(conv) and native.supports(x)
                 and not torch.is_autocast_enabled("cpu")):
-            return _DepthwiseConv.apply(x, conv.weight, self.stride, conv.padding[0])
+            return _DepthwiseConv.apply(x, conv.weight, conv.stride[0], conv.padding[0])
         return conv(x)
 
 
 def _plain_conv(conv: nn.Module) -> bool:
     """An ``nn.Conv2d`` that calling directly would not change: no hooks (``torch.nn.utils.prune``
     recomputes the weight in one), no parametrization, and a plain depthwise weight."""
-    from torch.nn.modules import module as m
-
     return (type(conv) is nn.Conv2d and isinstance(conv.weight, nn.Parameter) and conv.groups == conv.weight.shape[0]
-            and not (conv._forward_pre_hooks or conv._forward_hooks or m._global_forward_pre_hooks
-                     or m._global_forward_hooks))
+            and not (conv._forward_pre_hooks or conv._forward_hooks or _module._global_forward_pre_hooks
+                     or _module._global_forward_hooks))
 
 
 class _DepthwiseConv(torch.autograd.Function):

@@ -82,10 +82,12 @@ def _build(cc: list[str], flags: tuple[str, ...], out: Path) -> None:
 
 
 def _load(cc: list[str]) -> ctypes.CDLL:
+    source_key = hashlib.sha256(SOURCE.read_bytes())
+    source_key.update(repr((cc, _cpu_identity())).encode())
     errors = []
     for flags in (_FLAGS + _HOST_FLAGS, _FLAGS):
-        key = hashlib.sha256(SOURCE.read_bytes())
-        key.update(repr((cc, flags, _cpu_identity())).encode())
+        key = source_key.copy()
+        key.update(repr(flags).encode())
         path = cache_dir() / f"depthwise_grad-{key.hexdigest()[:16]}.so"
         try:
             if not path.exists():
@@ -93,8 +95,8 @@ def _load(cc: list[str]) -> ctypes.CDLL:
             lib = ctypes.CDLL(str(path))
             break
         except (OSError, subprocess.SubprocessError) as e:
-            detail = e.stderr.strip().splitlines()[-1:] if isinstance(e, subprocess.CalledProcessError) else [e]
-            errors.append(f"{' '.join(flags)}: {detail[0] if detail else e}")
+            stderr = e.stderr.strip() if isinstance(e, subprocess.CalledProcessError) else ""
+            errors.append(f"{' '.join(flags)}: {stderr.splitlines()[-1] if stderr else e}")
     else:
         raise OSError("; ".join(errors))
     fn = lib.depthwise_weight_grad
