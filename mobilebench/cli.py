@@ -181,9 +181,20 @@ def _task(cfg: Any) -> Any:
         fail("interrupted", code=130)
 
 
+def _optimising_sweeper() -> bool:
+    """True under a sweeper that maximises what each job returns (Optuna), not a plain grid."""
+    from hydra.core.hydra_config import HydraConfig
+
+    return not str(HydraConfig.get().sweeper.get("_target_", "")).endswith(".BasicSweeper")
+
+
 def _train(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> float:
     from mobilebench.train import run_train
 
+    # Without a validation split a job returns its test accuracy, and a search would tune on it.
+    if multirun and config.data.val_size == 0 and _optimising_sweeper():
+        fail("data.val_size=0 leaves no validation split, so the search would tune on test accuracy; "
+             "set data.val_size=5000 (or any number > 0) for hparams_search")
     return run_train(config, cfg_dict, run_dir, multirun)
 
 

@@ -24,6 +24,7 @@ PRECISIONS = ("auto", "fp32", "bf16", "fp16")
 COMPILE = ("auto", "on", "off")
 CPU_ALLOCATORS = ("cache", "system")
 NAN_POLICIES = ("stop", "skip")
+TTA = ("none", "flip")
 COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune")
 
 
@@ -126,6 +127,10 @@ class TrainerConfig:
     progress: str = "auto"  # auto|bar|log
     sync_bn: bool = False
     bn_momentum: Optional[float] = 0.1  # None: each model's own (V3: 0.01)
+    # Test-time augmentation for the final test pass (train) and `mobilebench eval`: flip averages
+    # the logits of each image and its mirror. test_acc stays the single-view figure; the
+    # averaged one is reported beside it as test_acc_tta. Validation is always single-view.
+    tta: str = "none"
 
 
 @dataclass
@@ -234,6 +239,7 @@ def validate(cfg: Config) -> None:
     _at_least("trainer.max_steps_per_epoch", t.max_steps_per_epoch, 1)
     _at_least("trainer.threads", t.threads, 1)
     _choice("trainer.cpu_allocator", t.cpu_allocator, CPU_ALLOCATORS)
+    _choice("trainer.tta", t.tta, TTA)
     if t.bn_momentum is not None and not 0.0 < t.bn_momentum <= 1.0:
         raise ConfigError(f"trainer.bn_momentum={t.bn_momentum} must be in (0, 1] or null")
     _choice("summary.format", cfg.summary.format, ("table", "json"))

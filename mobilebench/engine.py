@@ -203,16 +203,20 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
 
 @torch.no_grad()
 def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-             device: torch.device, amp_dtype: torch.dtype | None = None) -> EvalResult:
-    """Loss, top-1, top-5 and the confusion matrix over all batches (plain cross-entropy)."""
+             device: torch.device, amp_dtype: torch.dtype | None = None, flip: bool = False) -> EvalResult:
+    """Loss, top-1, top-5 and the confusion matrix over all batches (plain cross-entropy).
+
+    `flip` scores each image by the mean of its own and its mirror image's logits.
+    """
     was_training = model.training
     model.eval()
     loss_sum, top5_hits, images = 0.0, 0, 0
     confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
     for x, y in batches:
         with autocast(device, amp_dtype):
-            logits = model(x)
-        logits = logits.float()
+            logits = model(x).float()
+            if flip:
+                logits = (logits + model(x.flip(3)).float()) / 2
         loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
         k = min(5, num_classes)
         top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(1).sum().item()
@@ -222,6 +226,14 @@ def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tenso
     n = max(images, 1)
     confusion = confusion.cpu()
     return EvalResult(loss_sum / n, confusion.diag().sum().item() / n, top5_hits / n, confusion, images)
+
+
+def evaluate_views(model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], num_classes: int,
+                   device: torch.device, amp_dtype: torch.dtype | None, tta: str) -> tuple[EvalResult, EvalResult | None]:
+    """The single-view result, and the flip-averaged one when `tta == "flip"` (`batches()` is called per pass)."""
+    single = evaluate(model, batches(), num_classes, device, amp_dtype)
+    flipped = evaluate(model, batches(), num_classes, device, amp_dtype, flip=True) if tta == "flip" else None
+    return single, flipped
 
 
 @dataclass

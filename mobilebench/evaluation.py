@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from omegaconf import OmegaConf
@@ -12,9 +12,9 @@ from omegaconf import OmegaConf
 from mobilebench.checkpoint import load_model_and_checkpoint
 from mobilebench.config import Config, DataConfig
 from mobilebench.data import load_data
-from mobilebench.engine import EvalResult, evaluate
+from mobilebench.engine import EvalResult, evaluate_views
 from mobilebench.errors import UserError
-from mobilebench.loader import eval_batches
+from mobilebench.loader import Batch, eval_batches
 from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_cpu_allocator, set_threads
 
 
@@ -48,9 +48,14 @@ def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> f
     stats = blob.get("data", {})
     mean, std = stats.get("mean", data.mean), stats.get("std", data.std)  # the model's training normalisation
     resize = blob.get("config", {}).get("augment", {}).get("resize")
-    result = evaluate(model, eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize),
-                      num_classes, device, amp_dtype)
+
+    def batches() -> Iterator[Batch]:
+        return eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize)
+
+    result, flipped = evaluate_views(model, batches, num_classes, device, amp_dtype, cfg.trainer.tta)
     report = eval_report(cfg.checkpoint, blob, data_cfg, data.classes, result)
+    if flipped is not None:
+        report.update({"tta": cfg.trainer.tta, "test_acc_tta": flipped.acc, "test_top5_tta": flipped.top5})
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     print_eval(report, result)
@@ -74,6 +79,8 @@ def print_eval(report: dict[str, Any], result: EvalResult) -> None:
     console = Console()
     console.print(f"[bold]{report['model']}[/bold] on {report['data']} test ({report['images']} images): "
                   f"top-1 {report['test_acc']:.4f}  top-5 {report['test_top5']:.4f}  loss {report['test_loss']:.4f}")
+    if "test_acc_tta" in report:
+        console.print(f"with {report['tta']} TTA: top-1 {report['test_acc_tta']:.4f}  top-5 {report['test_top5_tta']:.4f}")
     classes = report["classes"]
     per_class = Table(title="per-class accuracy")
     per_class.add_column("class")

@@ -508,6 +508,7 @@ def row_values(row: Row, macs_cache: dict[str, int | None]) -> dict[str, Any]:
     image_size = s0.get("image_size") or _get(row.runs[0].config, "data.image_size")
     val = mean_std(best_val_so_far(r) for r in runs)
     test = mean_std(r.summary.get("test_acc") for r in runs)
+    test_tta = mean_std(r.summary.get("test_acc_tta") for r in runs)
     int8 = mean_std(r.deploy.int8_acc for r in runs)
     drop = mean_std(r.deploy.fp32_acc - r.deploy.int8_acc for r in runs
                     if r.deploy.fp32_acc is not None and r.deploy.int8_acc is not None)
@@ -532,6 +533,7 @@ def row_values(row: Row, macs_cache: dict[str, int | None]) -> dict[str, Any]:
         "macs_224_m": macs_224 / 1e6 if macs_224 else None,
         "best_val_acc_mean": _pct(val[0]), "best_val_acc_std": _pct(val[1]),
         "test_acc_mean": _pct(test[0]), "test_acc_std": _pct(test[1]),
+        "test_acc_tta_mean": _pct(test_tta[0]), "test_acc_tta_std": _pct(test_tta[1]),
         "train_min_mean": train_min[0], "images_per_s_mean": ips[0],
         "device": ", ".join(sorted({str(r.summary.get("device")) for r in runs if r.summary.get("device")})) or None,
         "int8_test_acc_mean": _pct(int8[0]), "int8_test_acc_std": _pct(int8[1]), "int8_drop_pts": _pct(drop[0]),
@@ -563,7 +565,7 @@ def _shown_path(path: Path) -> str:
 
 CSV_COLUMNS = ("model", "config", "status", "n", "seeds", "data", "epochs", "epochs_done", "train_images", "params_m",
                "image_size", "macs_m", "macs_224_m", "best_val_acc_mean", "best_val_acc_std", "test_acc_mean",
-               "test_acc_std", "train_min_mean", "images_per_s_mean", "device", "int8_test_acc_mean",
+               "test_acc_std", "test_acc_tta_mean", "test_acc_tta_std", "train_min_mean", "images_per_s_mean", "device", "int8_test_acc_mean",
                "int8_test_acc_std", "int8_drop_pts", "latency_ms_mean", "int8_latency_ms_mean", "latency_batch",
                "latency_backend", "run_dirs")
 
@@ -604,6 +606,10 @@ def display_table(values: list[dict[str, Any]], image_size: Any) -> tuple[list[s
         ("MACs (M) @224px, same net", lambda v: _fmt(v["macs_224_m"], 0)),
         ("best val acc (%)", lambda v: _pm(v["best_val_acc_mean"], v["best_val_acc_std"])),
         ("test acc (%)", lambda v: _pm(v["test_acc_mean"], v["test_acc_std"])),
+    ]
+    if any(v["test_acc_tta_mean"] is not None for v in values):
+        cols.append(("test acc, flip TTA (%)", lambda v: _pm(v["test_acc_tta_mean"], v["test_acc_tta_std"])))
+    cols += [
         ("train time (min)", lambda v: _fmt(v["train_min_mean"], 1)),
         ("images/s", lambda v: _fmt(v["images_per_s_mean"], 0)),
         ("device", lambda v: v["device"] or "—"),

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from mobilebench.checkpoint import CheckpointError, load_checkpoint, load_weight
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
-from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, progressive_size
+from mobilebench.loader import Batch, DataLoaderPath, TensorLoader, eval_batches, progressive_size
 from mobilebench.runtime import (PRECISION_DTYPES, World, init_world, resolve_compile, resolve_device,
                                  resolve_precision, seed_everything, set_cpu_allocator, set_threads, shared_run_dir,
                                  sync_batchnorm, world_reduce)
@@ -375,7 +375,8 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
         "device": _device_name(device), "precision": precision, "torch": torch.__version__,
         "seed": cfg.trainer.seed, "world_size": world.size, "threads": torch.get_num_threads(),
-        "best_val_acc": None, "test_acc": None, "test_top5": None, "train_s": None, "images_per_s": None,
+        "best_val_acc": None, "test_acc": None, "test_top5": None, "tta": cfg.trainer.tta, "test_acc_tta": None,
+        "train_s": None, "images_per_s": None,
     }
     files.write_summary(summary)
     log.info("%s (%s params, %.1fM MACs at %dpx) on %s, %s, %d train / %d val / %d test images, global batch %d x %d = %d",
@@ -441,11 +442,12 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         files.write_summary({**summary, "status": "failed", "epochs_done": state.epoch})
         raise
 
-    test = _test_best(cfg, files, raw, data, device, amp_dtype, world)
+    test, test_tta = _test_best(cfg, files, raw, data, device, amp_dtype, world)
     train_s = totals["train_s"]
     summary.update({
         "status": "completed", "best_val_acc": state.best_val_acc if state.best_val_acc >= 0 else None,
-        "test_acc": test.acc, "test_top5": test.top5, "test_loss": test.loss, "train_s": train_s,
+        "test_acc": test.acc, "test_top5": test.top5, "test_loss": test.loss,
+        "test_acc_tta": test_tta.acc if test_tta else None, "train_s": train_s,
         "images_per_s": totals["images"] / train_s if train_s > 0 else None,
         "data_s": totals["data_s"], "compute_s": train_s - totals["data_s"], "eval_s": totals["eval_s"],
         "wall_s": time.perf_counter() - t_start, "epochs_done": state.epoch, "skipped_batches": state.skipped_batches,
@@ -461,8 +463,8 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
 
 
 def _test_best(cfg: Config, files: RunFiles, raw: nn.Module, data: DataSplits, device: torch.device,
-               amp_dtype: torch.dtype | None, world: World) -> engine.EvalResult:
-    """Evaluate the test set once, with the best checkpoint's (EMA) weights."""
+               amp_dtype: torch.dtype | None, world: World) -> tuple[engine.EvalResult, engine.EvalResult | None]:
+    """Evaluate the test set with the best checkpoint's (EMA) weights: single-view, and with `trainer.tta`."""
     from mobilebench.models import build_model
 
     model = build_model(**model_args(cfg, data.num_classes)).to(device)
@@ -474,8 +476,12 @@ def _test_best(cfg: Config, files: RunFiles, raw: nn.Module, data: DataSplits, d
     load_weights(model, inference_state_dict(blob), files.best)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-    batches = eval_batches(data.test, cfg.data.batch_size * 2, data.mean, data.std, device, cfg.trainer.channels_last, cfg.augment.resize)
-    return engine.evaluate(model, batches, data.num_classes, device, amp_dtype)
+
+    def batches() -> Iterator[Batch]:
+        return eval_batches(data.test, cfg.data.batch_size * 2, data.mean, data.std, device, cfg.trainer.channels_last,
+                            cfg.augment.resize)
+
+    return engine.evaluate_views(model, batches, data.num_classes, device, amp_dtype, cfg.trainer.tta)
 
 
 def _macs(model: nn.Module, image_size: int) -> int:
@@ -505,4 +511,5 @@ def _print_time_report(s: dict[str, Any]) -> None:
     console.print(table)
     val = f"{s['best_val_acc']:.4f}" if s["best_val_acc"] is not None else "n/a"
     console.print(f"train {s['images_per_s'] or 0:.0f} images/s ({s['device']}, {s['precision']}, {s['threads']} threads); "
-                  f"best val acc {val}; test acc {s['test_acc']:.4f} (top-5 {s['test_top5']:.4f})")
+                  f"best val acc {val}; test acc {s['test_acc']:.4f} (top-5 {s['test_top5']:.4f})"
+                  + (f"; with {s['tta']} TTA {s['test_acc_tta']:.4f}" if s["test_acc_tta"] is not None else ""))

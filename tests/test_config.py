@@ -55,6 +55,7 @@ def test_seed224_switches_to_the_tutorial_pipeline() -> None:
     ("augment.min_size=48", "augment.min_size=48 is above data.image_size=32"),
     ("augment.ramp=1.5", "augment.ramp=1.5 must be a fraction"),
     ("trainer.cpu_allocator=jemalloc", "choose one of: cache, system"),
+    ("trainer.tta=crops", "choose one of: none, flip"),
 ])
 def test_config_mistakes_are_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -94,3 +95,5 @@ def test_each_model_has_a_cifar10_recipe(model: str) -> None:
     assert config.model.name == model and config.model.stem == "cifar"
     assert config.trainer.label_smoothing > 0 and config.scheduler.warmup_epochs > 0 and config.scheduler.name == "cosine"
     assert config.augment.min_size is not None and config.optimizer.base_batch_size is not None
+    # CIFAR-10's usual protocol: all 50,000 training images, single-view test_acc with the flip TTA beside it.
+    assert config.data.val_size == 0 and config.trainer.tta == "flip"

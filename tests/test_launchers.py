@@ -14,6 +14,7 @@ import yaml
 from .conftest import TINY
 
 SMOKE = [*TINY, "trainer.max_steps_per_epoch=2"]
+NO_VAL = [*(o for o in SMOKE if not o.startswith("data.val_size=")), "data.val_size=0"]
 
 
 def mobilebench(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
@@ -60,6 +61,25 @@ def test_optuna_search_maximises_validation_accuracy(tmp_path: Path) -> None:
         cfg = yaml.safe_load((sweep / name / ".hydra" / "config.yaml").read_text())
         assert 1e-4 <= cfg["optimizer"]["lr"] <= 0.3 and 1e-6 <= cfg["optimizer"]["weight_decay"] <= 1e-2
         assert 0.0 <= cfg["trainer"]["label_smoothing"] <= 0.2 and cfg["model"]["width_mult"] in (0.25, 0.35)
+
+
+def test_optuna_search_refuses_to_tune_on_the_test_set(tmp_path: Path) -> None:
+    """Without a validation split a job returns test accuracy; a search must not maximise that."""
+    sweep = tmp_path / "sweep"
+    proc = mobilebench("-m", "hparams_search=optuna", "hydra.sweeper.n_trials=1", *NO_VAL,
+                       f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode != 0
+    assert proc.stderr.strip().splitlines()[-1].startswith("mobilebench: error: data.val_size=0 leaves no validation")
+    assert "Traceback" not in proc.stderr
+    assert not list(sweep.glob("*/summary.json"))  # refused before training
+
+
+def test_grid_sweep_without_validation_split_trains_and_reports_test(tmp_path: Path) -> None:
+    sweep = tmp_path / "sweep"
+    proc = mobilebench("-m", "optimizer.lr=0.01", *NO_VAL, f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    (run,) = summaries(sweep).values()
+    assert run["status"] == "completed" and run["best_val_acc"] is None and run["test_acc"] is not None
 
 
 @pytest.mark.slow

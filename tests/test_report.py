@@ -20,7 +20,8 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 def make_run(root: Path, name: str, *, model: str = "v3_small", seed: int = 0, status: str = "completed",
              test_acc: float | None = 0.5, best_val: float | None = 0.5, data: str = "synthetic", epochs: int = 2,
-             epochs_done: int | None = None, lr: float = 0.1, data_root: str = "unused") -> Path:
+             epochs_done: int | None = None, lr: float = 0.1, data_root: str = "unused",
+             test_acc_tta: float | None = None) -> Path:
     """A run dir shaped like `mobilebench train` leaves it: summary.json, metrics.jsonl, .hydra/config.yaml."""
     run = root / name
     (run / ".hydra").mkdir(parents=True)
@@ -37,7 +38,8 @@ def make_run(root: Path, name: str, *, model: str = "v3_small", seed: int = 0, s
                "global_batch_size": 32, "train_images": 256, "val_images": 64, "test_images": 64, "device": "cpu",
                "precision": "fp32", "torch": "2.x", "seed": seed, "world_size": 1, "threads": 2,
                "best_val_acc": best_val if finished else None, "test_acc": test_acc if finished else None,
-               "train_s": 120.0 if finished else None, "images_per_s": 100.0 if finished else None}
+               "train_s": 120.0 if finished else None, "images_per_s": 100.0 if finished else None,
+               "tta": "flip" if test_acc_tta is not None else "none", "test_acc_tta": test_acc_tta}
     if status != "running":
         summary["epochs_done"] = done
     (run / "summary.json").write_text(json.dumps(summary))
@@ -99,6 +101,21 @@ def test_rows_mean_std_statuses_and_pngs(sweep: Path, tmp_path: Path, capsys: py
     assert_png(out / "pareto.png")
     printed = capsys.readouterr().out
     assert "65.00 ± 7.07" in printed and "v3_large" in printed
+
+
+def test_flip_tta_column_only_when_runs_report_it(sweep: Path, tmp_path: Path) -> None:
+    plain = tmp_path / "plain"
+    assert main([str(sweep), "--out", str(plain)]) == 0
+    assert "flip TTA" not in (plain / "report.md").read_text() and read_csv(plain)[0]["test_acc_tta_mean"] == ""
+    root = tmp_path / "tta"
+    make_run(root, "0_v1", model="v1", seed=0, test_acc=0.60, test_acc_tta=0.63)
+    make_run(root, "1_v1", model="v1", seed=1, test_acc=0.70, test_acc_tta=0.71)
+    out = tmp_path / "report"
+    assert main([str(root), "--out", str(out)]) == 0
+    (row,) = read_csv(out)
+    assert float(row["test_acc_tta_mean"]) == pytest.approx(67.0) and float(row["test_acc_mean"]) == pytest.approx(65.0)
+    md = (out / "report.md").read_text()
+    assert "| test acc, flip TTA (%) |" in md and "67.00 ± 5.66" in md
 
 
 def test_runs_differing_in_recipe_get_separate_labelled_rows(tmp_path: Path) -> None:

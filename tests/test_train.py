@@ -12,6 +12,7 @@ import torch
 
 from mobilebench.checkpoint import load_checkpoint, load_model
 from mobilebench.config import MODELS
+from mobilebench.engine import evaluate
 from mobilebench.train import build_optimizer, lr_factor, param_groups
 
 from .conftest import TINY, compose_config, run_cli, train_run
@@ -38,6 +39,7 @@ def test_every_model_trains_and_writes_its_files(name: str, tmp_path: Path) -> N
     assert summary["model"] == name and summary["world_size"] == 1 and summary["params"] > 0 and summary["macs"] > 0
     assert best == summary["best_val_acc"] == max(r["val_acc"] for r in rows)
     assert 0.0 <= summary["test_acc"] <= summary["test_top5"] <= 1.0
+    assert summary["tta"] == "none" and summary["test_acc_tta"] is None
     for ckpt in ("last.pt", "best.pt"):
         blob = load_checkpoint(tmp_path / "checkpoints" / ckpt)
         assert CHECKPOINT_KEYS <= blob.keys()
@@ -115,17 +117,36 @@ def test_fused_optimizer_takes_the_default_implementations_steps(name: str) -> N
     assert not torch.allclose(models[0][0].weight, start)  # the steps moved the weights
 
 
+def test_flip_tta_scores_the_mean_of_an_image_and_its_mirror_logits() -> None:
+    torch.manual_seed(0)
+    # Not mirror-symmetric (the linear layer sees positions), so the mirror's logits differ.
+    model = torch.nn.Sequential(torch.nn.Conv2d(3, 4, 3), torch.nn.Flatten(), torch.nn.Linear(4 * 6 * 6, 5))
+    x, y = torch.randn(40, 3, 8, 8), torch.randint(0, 5, (40,))
+    batches = [(x[:16], y[:16]), (x[16:], y[16:])]
+    with torch.no_grad():
+        mean_logits = (model(x) + model(x.flip(3))) / 2
+    cpu = torch.device("cpu")
+    flipped = evaluate(model, batches, 5, cpu, flip=True)
+    assert flipped.acc == pytest.approx((mean_logits.argmax(1) == y).float().mean().item())
+    assert flipped.loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
+    assert evaluate(model, batches, 5, cpu).loss != pytest.approx(flipped.loss, rel=1e-3)  # the flip did something
+    assert model.training  # evaluate restores the mode it found
+
+
 def test_cli_train_then_eval(tmp_path: Path) -> None:
     run = tmp_path / "run"
-    done = run_cli("train", "model=v1", *TINY, f"hydra.run.dir={run}")
+    done = run_cli("train", "model=v1", *TINY, "trainer.tta=flip", f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr
     assert (run / "summary.json").exists() and (run / ".hydra" / "config.yaml").exists()
     out = tmp_path / "eval"
-    done = run_cli("eval", f"checkpoint={run}/checkpoints/best.pt", f"hydra.run.dir={out}")
+    done = run_cli("eval", f"checkpoint={run}/checkpoints/best.pt", "trainer.tta=flip", f"hydra.run.dir={out}")
     assert done.returncode == 0, done.stderr
     report = json.loads((out / "eval.json").read_text())
     summary = json.loads((run / "summary.json").read_text())
     assert report["test_acc"] == pytest.approx(summary["test_acc"])  # same data, same weights
+    assert summary["tta"] == report["tta"] == "flip" and 0.0 <= summary["test_acc_tta"] <= 1.0
+    assert report["test_acc_tta"] == pytest.approx(summary["test_acc_tta"])
+    assert "with flip TTA: top-1" in done.stdout
     assert len(report["per_class_acc"]) == 10 and len(report["confusion"]) == 10
     assert sum(map(sum, report["confusion"])) == report["images"] == 64
     assert "confusion matrix" in done.stdout and "per-class accuracy" in done.stdout
