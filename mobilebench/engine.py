@@ -201,39 +201,48 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
     return EpochStats(sums["loss"] / images, sums["correct"] / images, int(sums["images"]), seconds, sums["data_s"])
 
 
-@torch.no_grad()
-def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
-             device: torch.device, amp_dtype: torch.dtype | None = None, flip: bool = False) -> EvalResult:
-    """Loss, top-1, top-5 and the confusion matrix over all batches (plain cross-entropy).
+class _Tally:
+    """Running cross-entropy, top-5 hits and confusion matrix of one way of scoring the images."""
 
-    `flip` scores each image by the mean of its own and its mirror image's logits.
-    """
+    def __init__(self, num_classes: int, device: torch.device) -> None:
+        self.num_classes, self.loss_sum, self.top5_hits, self.images = num_classes, 0.0, 0, 0
+        self.confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+
+    def add(self, logits: torch.Tensor, y: torch.Tensor) -> None:
+        c = self.num_classes
+        self.loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
+        self.top5_hits += (logits.topk(min(5, c), dim=1).indices == y[:, None]).any(1).sum().item()
+        self.confusion += torch.bincount(y * c + logits.argmax(1), minlength=c**2).view(c, c)
+        self.images += y.shape[0]
+
+    def result(self) -> EvalResult:
+        n, confusion = max(self.images, 1), self.confusion.cpu()
+        return EvalResult(self.loss_sum / n, confusion.diag().sum().item() / n, self.top5_hits / n, confusion, self.images)
+
+
+@torch.no_grad()
+def evaluate_views(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+                   device: torch.device, amp_dtype: torch.dtype | None, tta: str) -> tuple[EvalResult, EvalResult | None]:
+    """One pass over the batches: the single-view result, and with `tta == "flip"` also the result
+    of scoring each image by the mean of its own and its mirror image's logits (None otherwise)."""
     was_training = model.training
     model.eval()
-    loss_sum, top5_hits, images = 0.0, 0, 0
-    confusion = torch.zeros(num_classes, num_classes, dtype=torch.int64, device=device)
+    single, flipped = _Tally(num_classes, device), (_Tally(num_classes, device) if tta == "flip" else None)
     for x, y in batches:
         with autocast(device, amp_dtype):
             logits = model(x).float()
-            if flip:
-                logits = (logits + model(x.flip(3)).float()) / 2
-        loss_sum += nn.functional.cross_entropy(logits, y, reduction="sum").item()
-        k = min(5, num_classes)
-        top5_hits += (logits.topk(k, dim=1).indices == y[:, None]).any(1).sum().item()
-        confusion += torch.bincount(y * num_classes + logits.argmax(1), minlength=num_classes**2).view(num_classes, num_classes)
-        images += y.shape[0]
+            mirrored = model(x.flip(3)).float() if flipped is not None else None
+        single.add(logits, y)
+        if flipped is not None:
+            flipped.add((logits + mirrored) / 2, y)
     model.train(was_training)
-    n = max(images, 1)
-    confusion = confusion.cpu()
-    return EvalResult(loss_sum / n, confusion.diag().sum().item() / n, top5_hits / n, confusion, images)
+    return single.result(), flipped.result() if flipped is not None else None
 
 
-def evaluate_views(model: nn.Module, batches: Callable[[], Iterable[tuple[torch.Tensor, torch.Tensor]]], num_classes: int,
-                   device: torch.device, amp_dtype: torch.dtype | None, tta: str) -> tuple[EvalResult, EvalResult | None]:
-    """The single-view result, and the flip-averaged one when `tta == "flip"` (`batches()` is called per pass)."""
-    single = evaluate(model, batches(), num_classes, device, amp_dtype)
-    flipped = evaluate(model, batches(), num_classes, device, amp_dtype, flip=True) if tta == "flip" else None
-    return single, flipped
+def evaluate(model: nn.Module, batches: Iterable[tuple[torch.Tensor, torch.Tensor]], num_classes: int,
+             device: torch.device, amp_dtype: torch.dtype | None = None) -> EvalResult:
+    """Loss, top-1, top-5 and the confusion matrix over all batches (plain cross-entropy)."""
+    return evaluate_views(model, batches, num_classes, device, amp_dtype, "none")[0]
 
 
 @dataclass

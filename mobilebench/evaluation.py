@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -14,7 +14,7 @@ from mobilebench.config import Config, DataConfig
 from mobilebench.data import load_data
 from mobilebench.engine import EvalResult, evaluate_views
 from mobilebench.errors import UserError
-from mobilebench.loader import Batch, eval_batches
+from mobilebench.loader import eval_batches
 from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_cpu_allocator, set_threads
 
 
@@ -48,10 +48,7 @@ def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> f
     stats = blob.get("data", {})
     mean, std = stats.get("mean", data.mean), stats.get("std", data.std)  # the model's training normalisation
     resize = blob.get("config", {}).get("augment", {}).get("resize")
-
-    def batches() -> Iterator[Batch]:
-        return eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize)
-
+    batches = eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize)
     result, flipped = evaluate_views(model, batches, num_classes, device, amp_dtype, cfg.trainer.tta)
     report = eval_report(cfg.checkpoint, blob, data_cfg, data.classes, result)
     if flipped is not None:

@@ -14,7 +14,7 @@ import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import torch
 from torch import nn
@@ -24,7 +24,7 @@ from mobilebench.checkpoint import CheckpointError, load_checkpoint, load_weight
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
-from mobilebench.loader import Batch, DataLoaderPath, TensorLoader, eval_batches, progressive_size
+from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, progressive_size
 from mobilebench.runtime import (PRECISION_DTYPES, World, init_world, resolve_compile, resolve_device,
                                  resolve_precision, seed_everything, set_cpu_allocator, set_threads, shared_run_dir,
                                  sync_batchnorm, world_reduce)
@@ -476,11 +476,7 @@ def _test_best(cfg: Config, files: RunFiles, raw: nn.Module, data: DataSplits, d
     load_weights(model, inference_state_dict(blob), files.best)
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
-
-    def batches() -> Iterator[Batch]:
-        return eval_batches(data.test, cfg.data.batch_size * 2, data.mean, data.std, device, cfg.trainer.channels_last,
-                            cfg.augment.resize)
-
+    batches = eval_batches(data.test, cfg.data.batch_size * 2, data.mean, data.std, device, cfg.trainer.channels_last, cfg.augment.resize)
     return engine.evaluate_views(model, batches, data.num_classes, device, amp_dtype, cfg.trainer.tta)
 
 

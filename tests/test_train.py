@@ -12,7 +12,7 @@ import torch
 
 from mobilebench.checkpoint import load_checkpoint, load_model
 from mobilebench.config import MODELS
-from mobilebench.engine import evaluate
+from mobilebench.engine import evaluate, evaluate_views
 from mobilebench.train import build_optimizer, lr_factor, param_groups
 
 from .conftest import TINY, compose_config, run_cli, train_run
@@ -126,10 +126,11 @@ def test_flip_tta_scores_the_mean_of_an_image_and_its_mirror_logits() -> None:
     with torch.no_grad():
         mean_logits = (model(x) + model(x.flip(3))) / 2
     cpu = torch.device("cpu")
-    flipped = evaluate(model, batches, 5, cpu, flip=True)
+    single, flipped = evaluate_views(model, batches, 5, cpu, None, "flip")
     assert flipped.acc == pytest.approx((mean_logits.argmax(1) == y).float().mean().item())
     assert flipped.loss == pytest.approx(torch.nn.functional.cross_entropy(mean_logits, y).item(), rel=1e-5)
-    assert evaluate(model, batches, 5, cpu).loss != pytest.approx(flipped.loss, rel=1e-3)  # the flip did something
+    assert single.loss != pytest.approx(flipped.loss, rel=1e-3)  # the flip did something
+    assert evaluate(model, batches, 5, cpu).loss == pytest.approx(single.loss)  # one pass scores both views
     assert model.training  # evaluate restores the mode it found
 
 
