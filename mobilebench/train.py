@@ -24,7 +24,8 @@ from mobilebench.checkpoint import CheckpointError, load_checkpoint, load_weight
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
-from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, progressive_size
+from mobilebench.loader import (DataLoaderPath, TensorLoader, eval_batches, free_memory, progressive_size,
+                               resident_device, window_bytes)
 from mobilebench.runtime import (PRECISION_DTYPES, World, init_world, resolve_compile, resolve_device,
                                  resolve_precision, seed_everything, set_cpu_allocator, set_threads, shared_run_dir,
                                  sync_batchnorm, world_reduce)
@@ -294,7 +295,12 @@ def build_train_loader(cfg: Config, data: DataSplits, device: torch.device, gen:
     options = {"channels_last": cfg.trainer.channels_last, "shard": (world.rank, world.size)}
     if cfg.augment.needs_dataloader():
         return DataLoaderPath(*shared, num_workers=cfg.data.num_workers, **options)
-    return TensorLoader(*shared, **options)
+    nbytes = window_bytes(data.train, cfg.augment)
+    store = resident_device(cfg.data.device_resident, nbytes, device, free_memory(device))
+    if store != device:
+        log.info("training images stay in host memory (%d MB of crop windows, data.device_resident=%s); "
+                 "each batch is copied to %s", nbytes // 2**20, cfg.data.device_resident, device)
+    return TensorLoader(*shared, store=store, **options)
 
 
 def build_parts(cfg: Config, model: nn.Module, raw: nn.Module, device: torch.device, precision: str,
@@ -332,6 +338,10 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     set_threads(cfg.trainer.threads)
     set_cpu_allocator(cfg.trainer.cpu_allocator)
     device = resolve_device(cfg.trainer.device, world)
+    if device.type == "cuda":
+        # Few distinct input shapes (one per training size, plus eval's last batch): cuDNN's
+        # per-shape autotuning pays for itself within an epoch.
+        torch.backends.cudnn.benchmark = True
     precision = resolve_precision(cfg.trainer.precision, device)
     seed_everything(cfg.trainer.seed + world.rank)
     t_start = time.perf_counter()
@@ -361,7 +371,9 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     state = engine.TrainState()
     ckpt = resume_path(cfg, files)
     if ckpt is not None:
-        state = restore(load_checkpoint(ckpt, device), ckpt, args, raw, parts, gen)
+        # Loaded to host memory: the RNG states must stay CPU byte tensors, and load_state_dict
+        # moves weights and optimizer state to the parameters' device itself.
+        state = restore(load_checkpoint(ckpt), ckpt, args, raw, parts, gen)
         files.truncate_metrics(state.epoch)
         log.info("resumed from %s at epoch %d step %d", ckpt, state.epoch, state.step)
 

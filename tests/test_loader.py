@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
 from mobilebench.loader import (TensorLoader, crop_flip_batch, crop_windows, cutout, eval_batches, progressive_size,
-                                resize_batch)
+                                resident_device, resize_batch, window_bytes)
 
 
 def _images(n: int = 8, size: int = 32) -> torch.Tensor:
@@ -135,3 +136,45 @@ def test_tensor_loader_serves_the_size_it_is_given() -> None:
     loader.image_size = 20
     x, y = next(iter(loader))
     assert x.shape == (16, 3, 20, 20) and y.shape == (16,)
+
+
+def test_window_bytes_is_what_the_loader_allocates() -> None:
+    split = Split(_images(10), torch.arange(10))
+    for aug in (AugmentConfig(), AugmentConfig(flip=False, crop_padding=2)):
+        windows = TensorLoader(split, 4, aug, [0.5] * 3, [0.25] * 3, torch.device("cpu"), torch.Generator()).windows
+        assert window_bytes(split, aug) == windows.untyped_storage().nbytes()
+
+
+def test_resident_device_keeps_data_on_the_gpu_only_when_it_fits() -> None:
+    cuda, cpu, mb = torch.device("cuda"), torch.device("cpu"), 2**20
+    assert resident_device("auto", 400 * mb, cuda, 1000 * mb) == cuda
+    assert resident_device("auto", 600 * mb, cuda, 1000 * mb) == cpu  # leaves half for the training itself
+    assert resident_device("on", 600 * mb, cuda, 1000 * mb) == cuda
+    assert resident_device("off", 1 * mb, cuda, 1000 * mb) == cpu
+    assert resident_device("auto", 600 * mb, torch.device("mps"), None) == torch.device("mps")
+    assert resident_device("off", 1 * mb, cpu, None) == cpu  # one memory on CPU: nothing to choose
+
+
+def test_host_store_serves_the_same_batches_as_a_device_store(monkeypatch: pytest.MonkeyPatch) -> None:
+    # cpu:0 is a different device object than cpu, so the host-store path (gather, then copy) runs
+    # without a GPU.
+    split = Split(_images(48), torch.arange(48) % 10)
+    aug = AugmentConfig(cutout=8)
+    copies: list[tuple[tuple[int, ...], torch.dtype]] = []
+    copy = TensorLoader._to_device
+    monkeypatch.setattr(TensorLoader, "_to_device", lambda self, t: copies.append((tuple(t.shape), t.dtype)) or copy(self, t))
+
+    def epoch(store: torch.device) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        loader = TensorLoader(split, 16, aug, [0.5] * 3, [0.25] * 3, torch.device("cpu", 0),
+                              torch.Generator().manual_seed(3), store=store)
+        return list(loader)
+
+    on_device = epoch(torch.device("cpu", 0))
+    assert copies == []
+    on_host = epoch(torch.device("cpu"))
+    # The uint8 batch and its labels cross over, not the 4x larger float batch.
+    assert copies == [((16, 3, 32, 32), torch.uint8), ((16,), torch.int64)] * 3
+    assert len(on_host) == 3
+    for (xa, ya), (xb, yb) in zip(on_device, on_host):
+        assert torch.equal(xa, xb) and torch.equal(ya, yb)
+        assert xb.is_contiguous(memory_format=torch.channels_last)
