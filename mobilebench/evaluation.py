@@ -50,20 +50,21 @@ def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> f
     resize = blob.get("config", {}).get("augment", {}).get("resize")
     batches = eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize)
     result, flipped = evaluate_views(model, batches, num_classes, device, amp_dtype, cfg.trainer.tta)
-    report = eval_report(cfg.checkpoint, blob, data_cfg, data.classes, result)
-    if flipped is not None:
-        report.update({"tta": cfg.trainer.tta, "test_acc_tta": flipped.acc, "test_top5_tta": flipped.top5})
+    report = eval_report(cfg.checkpoint, blob, data_cfg, data.classes, result, cfg.trainer.tta, flipped)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     print_eval(report, result)
     return result.acc
 
 
-def eval_report(checkpoint: str, blob: dict[str, Any], data_cfg: DataConfig, classes: list[str], result: EvalResult) -> dict[str, Any]:
+def eval_report(checkpoint: str, blob: dict[str, Any], data_cfg: DataConfig, classes: list[str], result: EvalResult,
+                tta: str, flipped: EvalResult | None) -> dict[str, Any]:
+    """eval.json: the same keys whether or not TTA ran (its figures are null without it), like summary.json."""
     return {
         "checkpoint": str(checkpoint), "model": blob["model_args"]["name"], "model_args": blob["model_args"],
         "data": data_cfg.name, "data_root": data_cfg.root, "split": "test", "images": result.images,
-        "test_acc": result.acc, "test_top5": result.top5, "test_loss": result.loss,
+        "test_acc": result.acc, "test_top5": result.top5, "test_loss": result.loss, "tta": tta,
+        "test_acc_tta": flipped.acc if flipped else None, "test_top5_tta": flipped.top5 if flipped else None,
         "per_class_acc": dict(zip(classes, result.per_class_acc)), "classes": classes,
         "confusion": result.confusion.tolist(),
     }
@@ -76,7 +77,7 @@ def print_eval(report: dict[str, Any], result: EvalResult) -> None:
     console = Console()
     console.print(f"[bold]{report['model']}[/bold] on {report['data']} test ({report['images']} images): "
                   f"top-1 {report['test_acc']:.4f}  top-5 {report['test_top5']:.4f}  loss {report['test_loss']:.4f}")
-    if "test_acc_tta" in report:
+    if report["test_acc_tta"] is not None:
         console.print(f"with {report['tta']} TTA: top-1 {report['test_acc_tta']:.4f}  top-5 {report['test_top5_tta']:.4f}")
     classes = report["classes"]
     per_class = Table(title="per-class accuracy")

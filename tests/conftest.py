@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -35,8 +36,11 @@ def train_run(run_dir: Path, *overrides: str) -> float:
     return run_train(config, plain, run_dir)
 
 
-def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilebench", *args], cwd=cwd, capture_output=True, text=True, timeout=timeout)
+def run_cli(*args: str, cwd: Path | None = None, timeout: float = 300,
+            env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """`mobilebench ARGS` in a subprocess; `env` adds to (does not replace) this process's environment."""
+    return subprocess.run([sys.executable, "-m", "mobilebench", *args], cwd=cwd, capture_output=True, text=True,
+                          timeout=timeout, env={**os.environ, **(env or {})})
 
 
 @pytest.fixture
@@ -47,6 +51,4 @@ def tiny() -> list[str]:
 @pytest.fixture(autouse=True, scope="session")
 def _native_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Build the native kernel into this run's temp dir, not the user's cache (subprocesses inherit it)."""
-    import os
-
     os.environ["MOBILEBENCH_CACHE"] = str(tmp_path_factory.mktemp("mobilebench-cache"))

@@ -97,3 +97,12 @@ def test_each_model_has_a_cifar10_recipe(model: str) -> None:
     assert config.augment.min_size is not None and config.optimizer.base_batch_size is not None
     # CIFAR-10's usual protocol: all 50,000 training images, single-view test_acc with the flip TTA beside it.
     assert config.data.val_size == 0 and config.trainer.tta == "flip"
+
+
+def test_the_gpu_recipe_keeps_data_on_the_gpu_and_compiles() -> None:
+    config, _ = compose_config(["experiment=cifar10_v2_gpu"])
+    assert config.model.name == "v2" and config.trainer.device == "cuda" and config.trainer.compile == "on"
+    assert config.data.device_resident == "on" and config.trainer.precision == "bf16"
+    # One image size, so compile traces one training graph; the CPU recipes' protocol otherwise.
+    assert config.augment.min_size is None and config.augment.cutout > 0
+    assert config.data.val_size == 0 and config.trainer.tta == "flip" and config.optimizer.base_batch_size == 128

@@ -5,21 +5,19 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 import yaml
 
-from .conftest import TINY
+from .conftest import TINY, run_cli
 
 SMOKE = [*TINY, "trainer.max_steps_per_epoch=2"]
 NO_VAL = [*(o for o in SMOKE if not o.startswith("data.val_size=")), "data.val_size=0"]
 
 
 def mobilebench(*args: str, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "mobilebench", "train", *args], cwd=cwd, capture_output=True, text=True,
-                          timeout=300, env={**os.environ, **(env or {})})
+    return run_cli("train", *args, cwd=cwd, env=env)
 
 
 def summaries(sweep: Path) -> dict[str, dict]:

@@ -151,6 +151,12 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
     assert len(report["per_class_acc"]) == 10 and len(report["confusion"]) == 10
     assert sum(map(sum, report["confusion"])) == report["images"] == 64
     assert "confusion matrix" in done.stdout and "per-class accuracy" in done.stdout
+    plain = tmp_path / "eval_plain"  # without TTA: the same keys, its figures null
+    done = run_cli("eval", f"checkpoint={run}/checkpoints/best.pt", f"hydra.run.dir={plain}")
+    assert done.returncode == 0, done.stderr
+    plain_report = json.loads((plain / "eval.json").read_text())
+    assert plain_report.keys() == report.keys() and plain_report["test_acc"] == report["test_acc"]
+    assert plain_report["tta"] == "none" and plain_report["test_acc_tta"] is None and "TTA" not in done.stdout
 
 
 def test_multirun_gives_each_job_its_own_dir(tmp_path: Path) -> None:
@@ -171,3 +177,23 @@ def test_resume_auto_continues_in_the_run_dir(tmp_path: Path) -> None:
     assert [r["epoch"] for r in resumed] == [1, 2, 3]
     assert resumed[:2] == rows
     assert load_checkpoint(tmp_path / "checkpoints" / "last.pt")["state"]["step"] == 3
+
+
+def test_gpu_recipe_trains_through_its_path_on_cpu(tmp_path: Path) -> None:
+    # The preset's model and augmentation (cutout, one image size) and bf16, on CPU without compile,
+    # shrunk to TINY's data.
+    run = tmp_path / "run"
+    done = run_cli("train", "experiment=cifar10_v2_gpu", *TINY, "data.batch_size=48", "trainer.device=cpu",
+                   "trainer.compile=off", f"hydra.run.dir={run}")
+    assert done.returncode == 0, done.stderr
+    summary = json.loads((run / "summary.json").read_text())
+    assert summary["model"] == "v2" and summary["precision"] == "bf16" and summary["test_acc_tta"] is not None
+    assert [r["train_image_size"] for r in _metrics(run)] == [32]
+
+
+def test_gpu_recipe_without_a_gpu_says_so_in_one_line(tmp_path: Path) -> None:
+    done = run_cli("train", "experiment=cifar10_v2_gpu", *TINY, f"hydra.run.dir={tmp_path / 'run'}",
+                   env={"CUDA_VISIBLE_DEVICES": ""})
+    assert done.returncode != 0
+    assert done.stderr.strip().count("\n") == 0 and "Traceback" not in done.stderr
+    assert "trainer.device=cuda but no CUDA GPU is visible" in done.stderr
