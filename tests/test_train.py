@@ -139,6 +139,9 @@ def test_cli_train_then_eval(tmp_path: Path) -> None:
     done = run_cli("train", "model=v1", *TINY, "trainer.tta=flip", f"hydra.run.dir={run}")
     assert done.returncode == 0, done.stderr
     assert (run / "summary.json").exists() and (run / ".hydra" / "config.yaml").exists()
+    # Where the time went, with the final test pass as its own row.
+    assert "where the time went" in done.stderr and "final test (+ flip TTA)" in done.stderr
+    assert json.loads((run / "summary.json").read_text())["test_s"] > 0
     out = tmp_path / "eval"
     done = run_cli("eval", f"checkpoint={run}/checkpoints/best.pt", "trainer.tta=flip", f"hydra.run.dir={out}")
     assert done.returncode == 0, done.stderr
