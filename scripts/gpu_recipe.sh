@@ -37,7 +37,7 @@ run() {
   local deadline=$((SECONDS + ${BUDGET_S:-540})) status=0
   rm -rf "$rundir" && mkdir -p "$out" "$data"
   # Whatever happens next, the run's files go back.
-  trap 'cp "$rundir/summary.json" "$rundir/metrics.jsonl" "$out/" 2>/dev/null || true' EXIT
+  trap "cp '$rundir/summary.json' '$rundir/metrics.jsonl' '$out/' 2>/dev/null || true" EXIT  # expanded now: the locals are gone at exit
   python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .gpu/wheels/*.whl
   export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
   tar -xzf .gpu/cifar10-jpeg.tar.gz -C "$data"
