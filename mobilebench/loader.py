@@ -142,7 +142,7 @@ class TensorLoader:
         # with no transposing copy.
         self.windows = crop_windows(split.x.permute(0, 2, 3, 1), aug.crop_padding, aug.flip, store)
         self.y = split.y.to(store)
-        self.device, self.store = device, store
+        self.device, self.copy_batches = device, store != device
         self.batch_size, self.aug, self.gen, self.channels_last = batch_size, aug, gen, channels_last
         self.planes = norm_planes(mean, std, tuple(split.x.shape[-2:]), channels_last, device)
         self.rank, self.world = shard
@@ -161,7 +161,7 @@ class TensorLoader:
         for i in range(len(self)):
             idx = order[i * self.batch_size : (i + 1) * self.batch_size]
             x, y = crop_flip_batch(self.windows, idx, self.gen), self.y[idx]  # x: NCHW view, channels_last memory
-            if self.store != self.device:
+            if self.copy_batches:
                 x, y = self._to_device(x), self._to_device(y)
             if self.aug.cutout > 0:
                 x = cutout(x, self.aug.cutout, self.gen)
@@ -187,13 +187,13 @@ def eval_batches(split: Split, batch_size: int, mean: list[float], std: list[flo
     """Unaugmented batches in order (resized on the device when the pipeline asks for it)."""
     planes = norm_planes(mean, std, tuple(split.x.shape[-2:]), False, device)
     for i in range(0, len(split), batch_size):
-        x = split.x[i : i + batch_size].to(device, non_blocking=True)
+        x = to_device(split.x[i : i + batch_size], device)
         x = normalize(x, planes, channels_last=False)
         if resize is not None and x.shape[-1] != resize:
             x = F.interpolate(x, size=(resize, resize), mode="bilinear", antialias=True, align_corners=False)
         if channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
-        yield x, split.y[i : i + batch_size].to(device, non_blocking=True)
+        yield x, to_device(split.y[i : i + batch_size], device)
 
 
 class _PerImageDataset(torch.utils.data.Dataset):
