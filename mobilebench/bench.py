@@ -6,10 +6,11 @@ Both sides run in one process on the same uint8 images, side by side, in alterna
 (a) data pipeline alone: `TensorLoader` (batched crop/flip on one tensor) against a torch
     Dataset of PIL images with torchvision's RandomCrop + RandomHorizontalFlip + ToTensor +
     Normalize in `DataLoader(num_workers=2, shuffle=True)`.
-(b) training steps: the real engine (`engine.train_one_epoch` with `Parts` built as `train.py`
-    builds them, the trainer's defaults: channels_last, precision, compile, threads) against a
-    plain fp32, NCHW, eager loop over that DataLoader with the same model class, initial weights,
-    optimizer, loss and batch size.
+(b) training steps: the real engine (`engine.train_one_epoch` on `trainer.build_trainer`, as
+    `train` builds it: channels_last, precision, compile, threads, the CPU fast paths) against
+    the loop a plain PyTorch script runs: the plain model (no fast paths), fp32, NCHW, eager,
+    torch's default optimizer implementation, over that DataLoader, with the same architecture,
+    initial weights, optimizer settings, loss and batch size.
 
 Warm-up batches and steps run before every timed chunk and are never timed; after each baseline
 chunk the bench waits for its workers to refill their prefetch queues, so their work never lands
@@ -20,7 +21,6 @@ epochs (no re-spawn cost).
 
 from __future__ import annotations
 
-import contextlib
 import itertools
 import logging
 import os
@@ -28,36 +28,24 @@ import time
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from mobilebench import engine
-from mobilebench.config import Config
+from mobilebench import accel, engine
+from mobilebench.config import BenchConfig, Config
 from mobilebench.data import DataSplits, Split, load_data
 from mobilebench.errors import UserError
-from mobilebench.runtime import (World, cpu_has_native_bf16, resolve_compile, resolve_device, resolve_precision,
-                                 seed_everything, set_cpu_allocator, set_threads)
+from mobilebench.machine import cpu_has_native_bf16, device_name, load_average
+from mobilebench.optim import build_optimizer, scaled_lr
+from mobilebench.runfiles import write_json_atomic
+from mobilebench.runtime import resolve_compile, resolve_device, resolve_precision, seed_everything, set_threads
+from mobilebench.trainer import Trainer, build_from_config, build_train_loader, build_trainer
 
 log = logging.getLogger("mobilebench")
 
 Batch = tuple[torch.Tensor, torch.Tensor]
-
-
-@dataclass
-class BenchSettings:
-    """The `bench.` keys `bench train` reads; keys for `bench latency` are checked there."""
-
-    mode: str = "train"
-    steps: int = 5  # timed training steps per side per round
-    warmup_steps: int = 2  # untimed steps before each timed chunk (compile, allocator, worker queues)
-    data_batches: int = 40  # timed batches per side per round, data pipeline alone
-    data_warmup_batches: int = 4
-    rounds: int = 2  # alternations of mobilebench / baseline; more rounds average out load drift
-    baseline_workers: int = 2  # DataLoader workers of the standard pipeline
-    baseline_threads: Optional[int] = None  # intra-op threads of the baseline; None: torch's default
-    json: str = "bench.json"  # written into the run dir
 
 
 @dataclass
@@ -98,33 +86,6 @@ def minor_page_faults() -> int | None:
     except ImportError:
         return None
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
-
-
-def bench_settings(section: dict[str, Any]) -> BenchSettings:
-    """Type-check the keys this command reads; keys of other bench modes pass through untouched.
-
-    Hydra already rejects overrides of keys missing from conf/bench/default.yaml, so a typo
-    cannot slip past; only the types and ranges of our own keys are left to check here.
-    """
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    names = {f for f in BenchSettings.__dataclass_fields__}
-    mine = {k: v for k, v in section.items() if k in names}
-    try:
-        settings = OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(BenchSettings), mine))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        raise UserError(f"bench.{key}: {str(err).splitlines()[0]}" if key else str(err).splitlines()[0]) from None
-    for key in ("steps", "data_batches", "rounds"):
-        if getattr(settings, key) < 1:
-            raise UserError(f"bench.{key}={getattr(settings, key)} is out of range; it must be >= 1")
-    for key in ("warmup_steps", "data_warmup_batches", "baseline_workers"):
-        if getattr(settings, key) < 0:
-            raise UserError(f"bench.{key}={getattr(settings, key)} is out of range; it must be >= 0")
-    if settings.baseline_threads is not None and settings.baseline_threads < 1:
-        raise UserError(f"bench.baseline_threads={settings.baseline_threads} is out of range; it must be >= 1")
-    return settings
 
 
 # --- batch sources -------------------------------------------------------------------------
@@ -190,33 +151,26 @@ def standard_loader(config: Config, data: DataSplits, workers: int, seed: int) -
         persistent_workers=workers > 0, generator=torch.Generator().manual_seed(seed))
 
 
-def engine_loader(config: Config, data: DataSplits, device: torch.device, gen: torch.Generator) -> Iterable[Batch]:
-    """The training loader exactly as `train.py` chooses and builds it."""
-    from mobilebench.train import build_train_loader
-
-    return build_train_loader(config, data, device, gen)
-
-
-# --- the two training sides ----------------------------------------------------------------
+def mobilebench_side(config: Config, data: DataSplits, device: torch.device, precision: str,
+                     batches: Iterator[Batch], steps_per_epoch: int) -> EngineSide:
+    """The training path exactly as `mobilebench train` builds it: `trainer.build_trainer`."""
+    model = build_from_config(config.model, data.num_classes)
+    return EngineSide(build_trainer(config, model, device, precision, steps_per_epoch), batches)
 
 
-def engine_parts(config: Config, num_classes: int, device: torch.device, precision: str,
-                 steps_per_epoch: int) -> engine.Parts:
-    """Model, optimizer, scheduler and loss built with train.py's own functions and defaults."""
-    from mobilebench.train import build, build_parts
-
-    raw = build(config, num_classes).to(device)
-    if config.trainer.channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    model: nn.Module = torch.compile(raw) if resolve_compile(config.trainer.compile, device) else raw
-    return build_parts(config, model, raw, device, precision, steps_per_epoch)
+def standard_side(config: Config, data: DataSplits, device: torch.device, batches: Iterator[Batch]) -> BaselineSide:
+    """What a plain PyTorch script trains: the plain model, fp32, NCHW, eager, torch's default optimizer."""
+    model = build_from_config(config.model, data.num_classes).to(device)
+    optimizer = build_optimizer(config.optimizer, model, scaled_lr(config.optimizer, config.data.batch_size), fused=False)
+    return BaselineSide(model, optimizer, nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing),
+                        batches, device)
 
 
 class EngineSide:
     """Timed chunks of `engine.train_one_epoch` on the engine's own batches."""
 
-    def __init__(self, parts: engine.Parts, batches: Iterator[Batch]) -> None:
-        self.parts, self.batches = parts, batches
+    def __init__(self, trainer: Trainer, batches: Iterator[Batch]) -> None:
+        self.parts, self.batches, self.fast_paths = trainer.parts, batches, trainer.fast_paths
         self.state, self.stop = engine.TrainState(), engine.StopFlag()  # StopFlag unentered: no signal handlers
 
     def run(self, steps: int) -> engine.EpochStats:
@@ -299,7 +253,7 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"mobilebench: {r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}, "
-        f"{r['threads']} threads, allocator {r['cpu_allocator']}, native kernels {r['native_kernels']}; baseline: fp32, NCHW, eager, "
+        f"{r['threads']} threads, allocator {r['cpu_allocator']}, fast paths {_fast(r['cpu_kernels']['swapped'])}; baseline: plain model, fp32, NCHW, eager, "
         f"DataLoader(num_workers={r['baseline_workers']}), {r['baseline_threads']} threads, allocator "
         f"{r['baseline_cpu_allocator']}. {r['device']}, torch {r['torch']}, load average {r['load_average']}.")
     console.print(f"Time waiting for data during training: mobilebench {100 * r['train_data_share']:.0f}%, "
@@ -309,19 +263,8 @@ def print_table(result: dict[str, Any]) -> None:
                       f"baseline {r['train_baseline_page_faults_per_step']:,.0f}.")
 
 
-def native_kernels_state() -> str:
-    """`on`, or `off: <why>` (models.native: V3's 5x5 depthwise weight gradients on the CPU)."""
-    from mobilebench.models import native
-
-    reason = native.unavailable_reason()
-    return f"off: {reason}" if reason else "on"
-
-
-def _load_average() -> list[float] | None:
-    try:
-        return [round(v, 2) for v in os.getloadavg()]
-    except OSError:
-        return None
+def _fast(swapped: dict[str, int]) -> str:
+    return ", ".join(f"{name} x{n}" for name, n in swapped.items() if n) or "none"
 
 
 # --- the command ---------------------------------------------------------------------------
@@ -329,9 +272,7 @@ def _load_average() -> list[float] | None:
 
 def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
     """Measure (a) and (b), print the table, write `bench.json` into `run_dir`; returns its content."""
-    from mobilebench.train import write_json_atomic
-
-    settings = bench_settings(config.bench)
+    settings = config.bench
     initial_threads = torch.get_num_threads()  # torch's default unless an earlier in-process run changed it
     baseline_threads = settings.baseline_threads or initial_threads
     set_threads(config.trainer.threads)
@@ -339,14 +280,14 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
     device = resolve_device(config.trainer.device)
     precision = resolve_precision(config.trainer.precision, device)
     seed_everything(config.trainer.seed)
-    load_start = _load_average()
+    load_start = load_average()
     data = load_data(config.data)
     if len(data.train) < config.data.batch_size:
         raise UserError(f"bench needs at least one full batch: {len(data.train)} training images < "
                         f"data.batch_size={config.data.batch_size}; raise data.train_subset or lower data.batch_size")
-    glibc = set_cpu_allocator("system")
+    glibc = accel.set_cpu_allocator("system")
     try:
-        timings = measure(config, settings, data, device, precision, threads, baseline_threads)
+        timings, fast_paths = measure(config, settings, data, device, precision, threads, baseline_threads)
     finally:
         torch.set_num_threads(initial_threads)
     result = {
@@ -356,15 +297,17 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
                     "cutout": config.augment.cutout},
         "optimizer": config.optimizer.name,
         **summarize(*timings),
-        "device": _device_name(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "native_bf16": cpu_has_native_bf16(),
-        "cpu_count": os.cpu_count(), "precision": precision, "channels_last": config.trainer.channels_last,
+        "device": device_name(device), "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "native_bf16": cpu_has_native_bf16(), "cpu_count": os.cpu_count(),
+        "precision": precision, "channels_last": config.trainer.channels_last,
         "compile": resolve_compile(config.trainer.compile, device), "threads": threads,
-        "native_kernels": native_kernels_state(),
+        "cpu_kernels": {"setting": config.trainer.cpu_kernels, "swapped": fast_paths},
+        "native_kernels": accel.native_state() if fast_paths.get("depthwise_native") else "off: not used by this model",
         "cpu_allocator": config.trainer.cpu_allocator if glibc else "n/a (not glibc)",
         "baseline_cpu_allocator": "system" if glibc else "n/a (not glibc)",
         "baseline_threads": baseline_threads, "baseline_workers": settings.baseline_workers,
-        "torch": torch.__version__, "load_average": load_start, "load_average_end": _load_average(),
+        "baseline": "plain model (no fast paths), fp32, NCHW, eager, torchvision DataLoader + PIL transforms",
+        "torch": torch.__version__, "load_average": load_start, "load_average_end": load_average(),
         "settings": asdict(settings),
     }
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -373,13 +316,12 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
     return result
 
 
-def measure(config: Config, settings: BenchSettings, data: DataSplits, device: torch.device, precision: str,
-            threads: int, baseline_threads: int) -> tuple[Timing, Timing, Timing, Timing]:
-    """(data ours, data baseline, train ours, train baseline), each side at its own thread count."""
-    from mobilebench.train import build, build_optimizer, scaled_lr
-
+def measure(config: Config, settings: BenchConfig, data: DataSplits, device: torch.device, precision: str,
+            threads: int, baseline_threads: int) -> tuple[tuple[Timing, Timing, Timing, Timing], dict[str, int]]:
+    """(data ours, data baseline, train ours, train baseline), each side at its own thread count,
+    and the fast paths mobilebench's side trained with."""
     seed = config.trainer.seed
-    our_loader = engine_loader(config, data, device, torch.Generator().manual_seed(seed))
+    our_loader = build_train_loader(config, data, device, torch.Generator().manual_seed(seed))
     ours = forever(our_loader)
     theirs = forever(standard_loader(config, data, settings.baseline_workers, seed))
 
@@ -390,7 +332,7 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
     def side_settings(baseline: bool) -> None:
         # Process-wide settings each side runs under: thread count and glibc's allocator policy.
         torch.set_num_threads(baseline_threads if baseline else threads)
-        set_cpu_allocator("system" if baseline else config.trainer.cpu_allocator)
+        accel.set_cpu_allocator("system" if baseline else config.trainer.cpu_allocator)
 
     def data_chunk(batches: Iterator[Batch], timing: Timing, baseline: bool) -> Callable[[], None]:
         def chunk() -> None:
@@ -405,13 +347,10 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
     log.info("data pipeline: %d rounds of %d batches per side", settings.rounds, settings.data_batches)
     alternate(settings.rounds, data_chunk(ours, data_ours, False), data_chunk(theirs, data_theirs, True))
 
-    # Both models start from the same weights.
+    torch.manual_seed(seed)  # both models start from the same weights
+    ours_side = mobilebench_side(config, data, device, precision, ours, len(our_loader))
     torch.manual_seed(seed)
-    ours_side = EngineSide(engine_parts(config, data.num_classes, device, precision, len(our_loader)), ours)
-    torch.manual_seed(seed)
-    base_model = build(config, data.num_classes).to(device)
-    theirs_side = BaselineSide(base_model, build_optimizer(config, base_model, scaled_lr(config, World()), fused=False),
-                               nn.CrossEntropyLoss(label_smoothing=config.trainer.label_smoothing), theirs, device)
+    theirs_side = standard_side(config, data, device, theirs)
     train_ours, train_theirs = Timing(), Timing()
 
     def train_chunk(side: EngineSide | BaselineSide, timing: Timing, name: str) -> Callable[[], None]:
@@ -432,7 +371,7 @@ def measure(config: Config, settings: BenchSettings, data: DataSplits, device: t
              settings.warmup_steps)
     alternate(settings.rounds, train_chunk(ours_side, train_ours, "mobilebench"),
               train_chunk(theirs_side, train_theirs, "baseline"))
-    return data_ours, data_theirs, train_ours, train_theirs
+    return (data_ours, data_theirs, train_ours, train_theirs), ours_side.fast_paths
 
 
 def summarize(data_ours: Timing, data_theirs: Timing, train_ours: Timing, train_theirs: Timing) -> dict[str, Any]:
@@ -448,21 +387,3 @@ def summarize(data_ours: Timing, data_theirs: Timing, train_ours: Timing, train_
         "rounds": {"data": data_ours.per_round, "data_baseline": data_theirs.per_round,
                    "train": train_ours.per_round, "train_baseline": train_theirs.per_round},
     }
-
-
-def _device_name(device: torch.device) -> str:
-    if device.type == "cuda":
-        return f"cuda:{torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
-        return f"cpu:{_cpu_model()}"
-    return device.type
-
-
-def _cpu_model() -> str:
-    import platform
-
-    with contextlib.suppress(OSError):
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    return platform.processor() or platform.machine()

@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import os
 import pickle
+import random
 import zipfile
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 from torch import nn
 
+from mobilebench.config import DataConfig, section_from_dict
 from mobilebench.errors import UserError
+
+if TYPE_CHECKING:
+    from mobilebench.data import DataSplits
+    from mobilebench.engine import Parts, TrainState
 
 FORMAT_VERSION = 1
 _CODE_SIGNS = ("GLOBAL", "allowlist", "call reduce")
@@ -130,3 +137,57 @@ def load_model_and_checkpoint(path: str | Path, map_location: str | torch.device
 def load_model(path: str | Path, map_location: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the model from the config stored in the checkpoint and load its weights (EMA when present)."""
     return load_model_and_checkpoint(path, map_location)[0]
+
+
+def checkpoint_data_config(blob: dict[str, Any]) -> DataConfig:
+    """The data config the checkpoint was trained with (for commands run without data overrides)."""
+    return section_from_dict(DataConfig, (blob.get("config") or {}).get("data"))
+
+
+def checkpoint_payload(cfg_dict: dict[str, Any], args: dict[str, Any], raw: nn.Module, parts: Parts,
+                       state: TrainState, gen: torch.Generator, data: DataSplits) -> dict[str, Any]:
+    """Everything a bit-exact resume needs, in plain types (format version 1; see `load_checkpoint`)."""
+    return {
+        "model_args": args,
+        "model": raw.state_dict(),
+        "ema": parts.ema.state_dict() if parts.ema is not None else None,
+        "optimizer": parts.optimizer.state_dict(),
+        "scheduler": parts.scheduler.state_dict(),
+        "scaler": parts.scaler.state_dict(),
+        "state": {k: v for k, v in asdict(state).items() if k != "epoch_gen_state"},
+        "epoch_gen_state": state.epoch_gen_state,
+        "rng": {"torch": torch.get_rng_state(), "python": random.getstate(), "data": gen.get_state(),
+                "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else None},
+        "config": cfg_dict,
+        "data": {"classes": data.classes, "mean": data.mean, "std": data.std, "image_size": data.train.x.shape[-1]},
+    }
+
+
+def restore(blob: dict[str, Any], path: Path, args: dict[str, Any], raw: nn.Module, parts: Parts,
+            gen: torch.Generator) -> TrainState:
+    """Load a checkpoint's weights, optimizer, schedule and RNG states; returns where training stood."""
+    from mobilebench.engine import TrainState
+
+    if blob["model_args"] != args:
+        raise CheckpointError(f"checkpoint {path} is for model {blob['model_args']}, but this run builds {args}; "
+                              "resume with the same model settings or start a new run dir")
+    load_weights(raw, blob["model"], path)
+    if parts.ema is not None and blob.get("ema"):
+        parts.ema.load_state_dict(blob["ema"])
+    try:
+        parts.optimizer.load_state_dict(blob["optimizer"])
+        parts.scheduler.load_state_dict(blob["scheduler"])
+        parts.scaler.load_state_dict(blob["scaler"])
+    except (ValueError, KeyError, RuntimeError) as err:
+        raise CheckpointError(f"checkpoint {path} has optimizer state that does not fit this config ({err})") from None
+    rng = blob["rng"]
+    torch.set_rng_state(rng["torch"])
+    random.setstate(_as_tuple(rng["python"]))
+    gen.set_state(rng["data"])
+    if rng.get("cuda") is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(rng["cuda"])
+    return TrainState(**blob["state"], epoch_gen_state=blob.get("epoch_gen_state"))
+
+
+def _as_tuple(obj: Any) -> Any:
+    return tuple(_as_tuple(o) for o in obj) if isinstance(obj, (list, tuple)) else obj

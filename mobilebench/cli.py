@@ -1,8 +1,9 @@
-"""The `mobilebench` command line; the only module that imports Hydra.
+"""The `mobilebench` command line; the only module that imports Hydra or OmegaConf.
 
 `mobilebench <command> [overrides...]` composes conf/config.yaml with the overrides, checks the
 result against the schema in `config.py` before any work starts (one line and exit 2 on a
 mistake), then hands over to `hydra.main` for the run dir, logging, multirun and launchers.
+Commands receive the typed `Config` (and, where they store it, the resolved config as a plain dict).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def to_config(cfg: Any) -> Any:
     from omegaconf import OmegaConf
     from omegaconf.errors import OmegaConfBaseException
 
-    from mobilebench.config import Config, validate
+    from mobilebench.config import Config
+    from mobilebench.validate import validate
 
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
@@ -216,7 +218,7 @@ def _summary(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrid
 
 
 def _bench(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> Any:
-    if config.bench.get("mode") == "latency":
+    if config.bench.mode == "latency":
         from mobilebench.deploy.latency import run_latency
 
         return run_latency(config, run_dir, use_checkpoint_data=not _data_overridden(overrides))
@@ -254,9 +256,9 @@ def main(argv: list[str] | None = None) -> None:
         raise SystemExit(0 if argv else 2)
     command, rest = argv[0], argv[1:]
     if command == "report":
-        from mobilebench.report import main as report_main
+        from mobilebench.report import run_report
 
-        raise SystemExit(report_main(rest))
+        raise SystemExit(run_report(rest))
     if command not in HYDRA_COMMANDS:
         fail(f"unknown command {command!r}; choose one of: {', '.join(HYDRA_COMMANDS + ('report',))}")
     if command in SUBCOMMANDS:

@@ -1,19 +1,20 @@
-"""The structured schema every composed config is checked against before any work starts.
+"""The typed schema every composed config is checked against before any work starts.
 
-Plain dataclasses (no Hydra import): `cli.py` merges the composed YAML into
-`OmegaConf.structured(Config)`, which rejects unknown keys and wrong types, then `validate`
-checks ranges and choices. Each group has one dataclass holding the fields of all its options,
-so a typo in any option is an error rather than a silently ignored key.
+Plain dataclasses, one per config group (no Hydra or OmegaConf here): `cli.py` merges the composed
+YAML into them, which rejects unknown keys and wrong types, then `validate.py` checks ranges and
+choices. Each group has one dataclass holding the fields of all its options, so a typo in any
+option is an error rather than a silently ignored key. Commands receive these dataclasses.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, Optional
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional, TypeVar
 
 from mobilebench.errors import UserError
 
-MODELS = ("v1", "v2", "v3_small", "v3_large")
+T = TypeVar("T")
 STEMS = ("cifar", "imagenet")
 DATASETS = ("cifar10", "cifar100", "imagefolder", "synthetic")
 POLICIES = ("none", "trivialaugment", "autoaugment")
@@ -25,7 +26,17 @@ COMPILE = ("auto", "on", "off")
 CPU_ALLOCATORS = ("cache", "system")
 NAN_POLICIES = ("stop", "skip")
 TTA = ("none", "flip")
+CPU_KERNELS = ("auto", "on", "off")
 COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune")
+BENCH_MODES = ("train", "latency")
+LATENCY_BACKENDS = ("pytorch", "onnx_fp32", "onnx_int8")
+EXPORT_FORMATS = ("onnx", "pt2")
+EXPORTERS = ("dynamo", "torchscript")
+QUANTIZE_METHODS = ("static", "dynamic")
+CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+# Node groups a user can keep in float with quantize.exclude (deploy/int8.py finds them in the graph).
+QUANTIZE_GROUPS = ("stem", "depthwise", "se", "hardswish", "head")
+PRUNE_METHODS = ("l1_unstructured", "channel")
 
 
 @dataclass
@@ -124,6 +135,8 @@ class TrainerConfig:
     nan_skip_limit: int = 10
     threads: Optional[int] = None  # torch intra-op threads; None: torch's default
     cpu_allocator: str = "cache"  # cache: glibc keeps freed tensor memory for reuse; system: glibc's own policy
+    # The CPU fast paths of mobilebench.accel for training: auto (eager CPU runs), on, off.
+    cpu_kernels: str = "auto"
     progress: str = "auto"  # auto|bar|log
     sync_bn: bool = False
     bn_momentum: Optional[float] = 0.1  # None: each model's own (V3: 0.01)
@@ -139,6 +152,92 @@ class SummaryConfig:
 
 
 @dataclass
+class BenchTrainConfig:
+    """`bench train`: mobilebench's training path against the standard PyTorch pipeline."""
+
+    steps: int = 5  # timed training steps per side per round
+    warmup_steps: int = 2  # untimed steps before each timed chunk (allocator, worker queues)
+    data_batches: int = 40  # timed batches per side per round, data pipeline alone
+    data_warmup_batches: int = 4
+    rounds: int = 2  # alternations of mobilebench / baseline; more rounds average out load drift
+    baseline_workers: int = 2  # DataLoader workers of the standard pipeline
+    baseline_threads: Optional[int] = None  # intra-op threads of the baseline; None: torch's default
+    json: str = "bench.json"  # written into the run dir
+
+
+@dataclass
+class LatencyConfig:
+    """`bench latency`: milliseconds per batch, PyTorch eager against onnxruntime fp32 / int8."""
+
+    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
+    repeats: int = 50  # timed calls per backend and batch size, in 5 rounds with the backends taking turns
+    warmup: int = 5  # untimed calls first
+    threads: Optional[int] = None  # intra-op threads for PyTorch and onnxruntime; None: trainer.threads, else torch's default
+    backends: list[str] = field(default_factory=lambda: list(LATENCY_BACKENDS))
+    calib_size: int = 256  # images that calibrate the int8 model
+    exporter: str = "dynamo"  # ONNX exporter (see export.exporter)
+
+
+@dataclass
+class BenchConfig(LatencyConfig, BenchTrainConfig):
+    """The `bench` group: one flat list of keys; each mode reads its own."""
+
+    mode: str = "train"  # set by the command word: `bench train` or `bench latency`
+
+
+@dataclass
+class ExportConfig:
+    format: str = "onnx"  # onnx | pt2 (torch.export)
+    exporter: str = "dynamo"  # ONNX only: dynamo (torch.export based) | torchscript (legacy, faster to run)
+    opset: Optional[int] = None  # None: the exporter's default
+    parity_images: int = 1000  # test images compared between PyTorch and the exported model
+    batch_size: int = 250
+    atol: float = 1e-4  # max |logit difference| allowed
+    min_agreement: float = 0.999  # fraction of images whose top-1 class must agree
+    threads: Optional[int] = None  # None: trainer.threads, else torch's default
+
+
+@dataclass
+class QuantizeConfig:
+    method: str = "static"  # static (onnxruntime QDQ int8) | dynamic (the tutorial's torch quantize_dynamic)
+    calib_size: int = 512  # training images used to calibrate activation ranges
+    calib_batch: int = 64
+    calib_method: str = "minmax"  # minmax | entropy | percentile
+    per_channel: bool = True  # one weight scale per output channel
+    # 7-bit weights, avoiding u8s8 overflow on x86 CPUs without VNNI; None: on exactly those CPUs.
+    reduce_range: Optional[bool] = None
+    rewrite: bool = True  # exact rewrites so V3's h-swish, SE gates and pooling run in int8 (deploy/rewrite.py)
+    preprocess: bool = False  # run onnxruntime's quant_pre_process (shape inference + graph optimisation) first
+    # Node groups kept in float (QUANTIZE_GROUPS). None: the measured default per model family;
+    # [] quantizes every op onnxruntime can.
+    exclude: Optional[list[str]] = None
+    op_types: Optional[list[str]] = None  # restrict to these ONNX op types; None: all onnxruntime supports
+    test_images: Optional[int] = None  # None: the whole test split
+    eval_batch: int = 256
+    latency_batches: list[int] = field(default_factory=lambda: [1, 32])
+    warmup: int = 5
+    repeats: int = 30
+    threads: Optional[int] = None  # None: trainer.threads, else torch's default
+    exporter: str = "dynamo"  # ONNX exporter for the fp32 graph (see export.exporter)
+
+
+@dataclass
+class PruneConfig:
+    method: str = "l1_unstructured"  # l1_unstructured | channel
+    amount: float = 0.2  # fraction of weights (unstructured) or of expanded channels (channel) to remove
+    bn_calib_images: int = 1024  # training images that re-estimate BatchNorm statistics after pruning (0: keep them)
+    finetune_epochs: int = 0  # short fine-tune after pruning (0: none)
+    finetune_lr: float = 0.01  # peak lr of the fine-tune's cosine schedule (SGD, Nesterov momentum 0.9)
+    finetune_batch: int = 128
+    finetune_steps: Optional[int] = None  # cap on steps per fine-tune epoch
+    weight_decay: float = 5e-5
+    test_images: Optional[int] = None  # None: the whole test split
+    eval_batch: int = 256
+    threads: Optional[int] = None  # None: trainer.threads, else torch's default
+    seed: int = 0
+
+
+@dataclass
 class Config:
     command: str = "train"
     checkpoint: Optional[str] = None
@@ -149,97 +248,21 @@ class Config:
     scheduler: SchedulerConfig = field(default_factory=SchedulerConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
-    # Sections owned by the deployment, benchmark and report commands; checked there.
-    bench: dict[str, Any] = field(default_factory=dict)
-    export: dict[str, Any] = field(default_factory=dict)
-    quantize: dict[str, Any] = field(default_factory=dict)
-    prune: dict[str, Any] = field(default_factory=dict)
+    bench: BenchConfig = field(default_factory=BenchConfig)
+    export: ExportConfig = field(default_factory=ExportConfig)
+    quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
+    prune: PruneConfig = field(default_factory=PruneConfig)
+
+
+def section_from_dict(schema: type[T], values: Mapping[str, Any] | None) -> T:
+    """A flat section (e.g. `DataConfig`) from a stored config dict, such as a checkpoint's.
+
+    Keys this version no longer has are dropped and missing ones take their defaults, so the
+    config of a checkpoint written by an older mobilebench still reads.
+    """
+    known = {f.name for f in fields(schema)}  # type: ignore[arg-type]
+    return schema(**{k: v for k, v in dict(values or {}).items() if k in known})
 
 
 class ConfigError(UserError):
     """A user mistake in the configuration; the CLI prints it as one line and exits 2."""
-
-
-def _choice(key: str, value: object, choices: tuple[str, ...]) -> None:
-    if value not in choices:
-        raise ConfigError(f"{key}={value!r} is not valid; choose one of: {', '.join(choices)}")
-
-
-def _at_least(key: str, value: float | int | None, low: float, allow_none: bool = True) -> None:
-    if value is None and allow_none:
-        return
-    if value is None or value < low:
-        raise ConfigError(f"{key}={value} is out of range; it must be >= {low}")
-
-
-def validate(cfg: Config) -> None:
-    """Range and choice checks the type system cannot express. Raises ConfigError."""
-    _choice("command", cfg.command, COMMANDS)
-    m, d, a, o, s, t = cfg.model, cfg.data, cfg.augment, cfg.optimizer, cfg.scheduler, cfg.trainer
-    _choice("model.name", m.name, MODELS)
-    _choice("model.stem", m.stem, STEMS)
-    if m.width_mult <= 0:
-        raise ConfigError(f"model.width_mult={m.width_mult} is out of range; it must be > 0")
-    if m.dropout is not None and not 0.0 <= m.dropout < 1.0:
-        raise ConfigError(f"model.dropout={m.dropout} is out of range; it must be in [0, 1)")
-    _at_least("model.num_classes", m.num_classes, 2)
-    _choice("data.name", d.name, DATASETS)
-    _at_least("data.val_size", d.val_size, 0, allow_none=False)
-    _at_least("data.train_subset", d.train_subset, 1)
-    _at_least("data.test_subset", d.test_subset, 1)
-    _at_least("data.image_size", d.image_size, 8, allow_none=False)
-    _at_least("data.batch_size", d.batch_size, 1, allow_none=False)
-    _at_least("data.num_workers", d.num_workers, 0, allow_none=False)
-    _at_least("data.num_classes", d.num_classes, 2)
-    _choice("data.device_resident", d.device_resident, ("auto", "on", "off"))
-    for key, stats in (("data.mean", d.mean), ("data.std", d.std)):
-        if stats is not None and len(stats) != 3:
-            raise ConfigError(f"{key} must list 3 values (one per RGB channel), got {len(stats)}")
-    if d.std is not None and min(d.std) <= 0:
-        raise ConfigError("data.std values must be > 0")
-    _choice("augment.policy", a.policy, POLICIES)
-    _at_least("augment.crop_padding", a.crop_padding, 0, allow_none=False)
-    _at_least("augment.cutout", a.cutout, 0, allow_none=False)
-    if not 0.0 <= a.random_erasing <= 1.0:
-        raise ConfigError(f"augment.random_erasing={a.random_erasing} must be a probability in [0, 1]")
-    _at_least("augment.resize", a.resize, 8)
-    _at_least("augment.min_size", a.min_size, 8)
-    _at_least("augment.size_step", a.size_step, 1, allow_none=False)
-    if not 0.0 <= a.ramp <= 1.0:
-        raise ConfigError(f"augment.ramp={a.ramp} must be a fraction of the epochs in [0, 1]")
-    if a.min_size is not None and a.min_size > d.image_size:
-        raise ConfigError(f"augment.min_size={a.min_size} is above data.image_size={d.image_size}; lower it or set augment.min_size=null")
-    if a.min_size is not None and a.needs_dataloader():
-        raise ConfigError("augment.min_size (progressive resizing) needs the in-memory loader: "
-                          "set augment.policy=none, augment.random_erasing=0 and augment.resize=null, or augment.min_size=null")
-    _choice("optimizer.name", o.name, OPTIMIZERS)
-    if o.lr <= 0:
-        raise ConfigError(f"optimizer.lr={o.lr} is out of range; it must be > 0")
-    _at_least("optimizer.weight_decay", o.weight_decay, 0.0, allow_none=False)
-    _at_least("optimizer.base_batch_size", o.base_batch_size, 1)
-    if len(o.betas) != 2:
-        raise ConfigError(f"optimizer.betas must list 2 values, got {len(o.betas)}")
-    _choice("scheduler.name", s.name, SCHEDULERS)
-    _at_least("scheduler.warmup_epochs", s.warmup_epochs, 0.0, allow_none=False)
-    _at_least("scheduler.step_size", s.step_size, 1, allow_none=False)
-    _at_least("trainer.epochs", t.epochs, 1, allow_none=False)
-    _choice("trainer.device", t.device, DEVICES)
-    _choice("trainer.precision", t.precision, PRECISIONS)
-    # Hydra parses `trainer.compile=true` as a bool; accept it as "on".
-    t.compile = {"true": "on", "false": "off"}.get(str(t.compile).lower(), str(t.compile).lower())
-    _choice("trainer.compile", t.compile, COMPILE)
-    _choice("trainer.nan_policy", t.nan_policy, NAN_POLICIES)
-    _choice("trainer.progress", t.progress, ("auto", "bar", "log"))
-    _at_least("trainer.grad_clip", t.grad_clip, 0.0, allow_none=False)
-    if not 0.0 <= t.label_smoothing < 1.0:
-        raise ConfigError(f"trainer.label_smoothing={t.label_smoothing} must be in [0, 1)")
-    if not 0.0 < t.ema_decay < 1.0:
-        raise ConfigError(f"trainer.ema_decay={t.ema_decay} must be in (0, 1)")
-    _at_least("trainer.log_every", t.log_every, 1, allow_none=False)
-    _at_least("trainer.max_steps_per_epoch", t.max_steps_per_epoch, 1)
-    _at_least("trainer.threads", t.threads, 1)
-    _choice("trainer.cpu_allocator", t.cpu_allocator, CPU_ALLOCATORS)
-    _choice("trainer.tta", t.tta, TTA)
-    if t.bn_momentum is not None and not 0.0 < t.bn_momentum <= 1.0:
-        raise ConfigError(f"trainer.bn_momentum={t.bn_momentum} must be in (0, 1] or null")
-    _choice("summary.format", cfg.summary.format, ("table", "json"))

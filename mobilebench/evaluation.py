@@ -7,38 +7,28 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 
-from mobilebench.checkpoint import load_model_and_checkpoint
+from mobilebench.accel import set_cpu_allocator
+from mobilebench.checkpoint import checkpoint_data_config, load_model_and_checkpoint
 from mobilebench.config import Config, DataConfig
 from mobilebench.data import load_data
 from mobilebench.engine import EvalResult, evaluate_views
 from mobilebench.errors import UserError
 from mobilebench.loader import eval_batches
-from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_cpu_allocator, set_threads
-
-
-def checkpoint_data_config(blob: dict[str, Any]) -> DataConfig:
-    """The data config the checkpoint was trained with (for eval without data overrides)."""
-    stored = blob.get("config", {}).get("data", {})
-    return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(DataConfig), stored))
-
-
-def load_eval_model(path: str | Path, device: torch.device, channels_last: bool = False) -> tuple[torch.nn.Module, dict[str, Any]]:
-    model, blob = load_model_and_checkpoint(path, device)
-    if channels_last:
-        model = model.to(memory_format=torch.channels_last)
-    return model, blob
+from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_threads
 
 
 def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> float:
+    """Score `cfg.checkpoint` on the test split, print the tables and write eval.json; returns top-1."""
     if not cfg.checkpoint:
         raise UserError("eval needs a checkpoint: mobilebench eval checkpoint=outputs/.../checkpoints/best.pt")
     set_threads(cfg.trainer.threads)
     set_cpu_allocator(cfg.trainer.cpu_allocator)
     device = resolve_device(cfg.trainer.device)
     amp_dtype = PRECISION_DTYPES[resolve_precision(cfg.trainer.precision, device)]
-    model, blob = load_eval_model(cfg.checkpoint, device, cfg.trainer.channels_last)
+    model, blob = load_model_and_checkpoint(cfg.checkpoint, device)  # a plain model: no training fast paths
+    if cfg.trainer.channels_last:
+        model = model.to(memory_format=torch.channels_last)
     data_cfg = checkpoint_data_config(blob) if use_checkpoint_data else cfg.data
     data = load_data(data_cfg)
     num_classes = blob["model_args"]["num_classes"]

@@ -2,11 +2,9 @@
 
 from __future__ import annotations
 
-import ctypes
 import logging
 import os
 import random
-import sys
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
@@ -61,27 +59,13 @@ def resolve_device(name: str, world: World = World()) -> torch.device:
     return torch.device(name)
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with AVX512-BF16 or AMX (recorded in bench.json; see resolve_precision)."""
-    import torch.cpu
-
-    checks = ("_is_amx_tile_supported", "_is_avx512_bf16_supported")
-    # torch.cpu holds these probes in current releases; older ones kept them in torch._C._cpu.
-    probes = [getattr(mod, name, None) for mod in (torch.cpu, getattr(torch._C, "_cpu", None)) for name in checks]
-    return any(probe() for probe in probes if callable(probe))
-
-
 def resolve_precision(name: str, device: torch.device) -> str:
     """`auto`: bf16 (fp16 where unsupported) on CUDA, fp32 on CPU.
 
-    fp32 on CPU by measurement, even with native bf16. On an AVX512-BF16 EPYC (2 threads, batch
-    128, channels_last, allocator `cache`) bf16 autocast makes a 32px training step 1.54x faster
-    for v2 and 1.16x for v3_small (once the depthwise convs whose bf16 backward is slow stay in
-    fp32: `mobilebench.models.blocks.fp32_under_cpu_autocast`), but it costs accuracy: the
-    38-epoch v3_small recipe reached 86.49% test in bf16 against 87.52% in fp32, for 7% less time
-    (progressive resizing spends most epochs at 16-24px, where bf16 gains only 1.08-1.13x).
-    `trainer.precision=bf16` is there for whoever prefers the speed. AVX2-only CPUs emulate bf16
-    at about 0.12x.
+    fp32 on CPU by measurement, even with native bf16 (AVX512-BF16, AMX): bf16 autocast makes
+    training steps faster but cost the v3_small recipe about a point of test accuracy, and most of
+    the recipe's epochs run at small image sizes where bf16 gains least (docs/performance.md).
+    `trainer.precision=bf16` is there for whoever prefers the speed. AVX2-only CPUs emulate bf16.
     """
     if name != "auto":
         if name == "fp16" and device.type == "cpu":
@@ -103,62 +87,11 @@ def seed_everything(seed: int) -> None:
     torch.manual_seed(seed)
 
 
-def set_threads(threads: int | None) -> None:
+def set_threads(threads: int | None) -> int:
+    """Use `threads` intra-op threads in PyTorch (None: its default) and return the count in use."""
     if threads:
         torch.set_num_threads(threads)
-
-
-# glibc's mallopt() parameters (malloc.h).
-_M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX = -1, -3, -4
-# glibc's own ceilings for its sliding mmap threshold (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit) and the
-# trim threshold it pairs with it, and its default cap on mmapped chunks.
-_GLIBC_MMAP_THRESHOLD_MAX, _GLIBC_MMAP_MAX = 32 << 20, 65536
-_allocator_mode = "system"  # this process's; glibc's untouched policy until set_cpu_allocator changes it
-
-
-def _glibc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        libc.mallopt, libc.malloc_trim  # noqa: B018 - musl and others lack them
-    except (OSError, AttributeError):
-        return None
-    return libc
-
-
-def set_cpu_allocator(mode: str) -> bool:
-    """How glibc's malloc treats big CPU tensors; returns False where it cannot be set (not glibc).
-
-    `cache`: never mmap, never trim. By default glibc serves every allocation above its mmap
-    threshold (32 MiB at most) with a fresh mmap and unmaps it on free, so each step page-faults
-    its largest activations in anew (v3_small's first expanded map at batch 128 is 38 MB; v2's are
-    larger). Keeping freed memory, as a caching allocator would, measured on a 2-core EPYC:
-    BatchNorm forward on [128, 72, 32, 32] 14.3 -> 3.8 ms; a whole channels_last training step
-    431 -> 650 images/s for v3_small and 91 -> 223 for v2. The process keeps its peak heap.
-    `system`: glibc's own policy. In a process that ran `cache` (`mobilebench bench` switches per
-    side; an in-process sweep), its steady state is restored: mmap above 32 MiB, trim above 64 MiB,
-    cached memory handed back. Not bit-for-bit a fresh process: glibc's threshold stops sliding
-    once set, and measured faster than a fresh process (see README, Performance).
-    """
-    global _allocator_mode
-    libc = _glibc()
-    if libc is None:
-        return False
-    if mode == _allocator_mode == "system":
-        return True
-    if mode == "cache":
-        libc.mallopt(_M_MMAP_MAX, 0)
-        libc.mallopt(_M_TRIM_THRESHOLD, 1 << 30)
-    elif mode == "system":
-        libc.mallopt(_M_MMAP_MAX, _GLIBC_MMAP_MAX)
-        libc.mallopt(_M_MMAP_THRESHOLD, _GLIBC_MMAP_THRESHOLD_MAX)
-        libc.mallopt(_M_TRIM_THRESHOLD, 2 * _GLIBC_MMAP_THRESHOLD_MAX)
-        libc.malloc_trim(0)
-    else:
-        raise ValueError(f"unknown cpu allocator mode {mode!r}")
-    _allocator_mode = mode
-    return True
+    return torch.get_num_threads()
 
 
 def launched_size() -> int:

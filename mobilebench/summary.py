@@ -15,15 +15,16 @@ def summary_num_classes(cfg: Config) -> int:
 
 
 def run_summary(cfg: Config) -> dict:
+    """Print (or emit as JSON) the per-block table of the configured model; returns the totals."""
     from mobilebench.models import build_model
     from mobilebench.profile import count_macs, count_params, layer_summary
-    from mobilebench.train import model_args
+    from mobilebench.trainer import model_args
 
-    model = build_model(**model_args(cfg, summary_num_classes(cfg)))
+    model = build_model(**model_args(cfg.model, summary_num_classes(cfg)))
     size = cfg.augment.resize or cfg.data.image_size
     params, macs = count_params(model), count_macs(model, size)
     result = {"model": cfg.model.name, "params": params, "macs": macs, "input_size": [3, size, size],
-              "width_mult": cfg.model.width_mult, "stem": cfg.model.stem, "num_classes": model_args(cfg, 0)["num_classes"] or summary_num_classes(cfg)}
+              "width_mult": cfg.model.width_mult, "stem": cfg.model.stem, "num_classes": model.num_classes}
     if cfg.summary.format == "json":
         print(json.dumps(result))
         return result

@@ -1,7 +1,7 @@
 """Measure the CPU training defaults: memory format, bf16 autocast, thread count, torch.compile.
 
-Each variant is one engine training step (`engine.train_one_epoch` on `Parts` built with
-train.py's optimizer and scheduler, batch size 128 by default) timed side by side with the
+Each variant is one engine training step (`engine.train_one_epoch` on `trainer.build_trainer`'s
+parts, fast paths included, batch size 128 by default) timed side by side with the
 others in the same process, in alternating rounds, so load from other processes on a shared
 machine hits every variant alike. torch.compile runs in a child process under a time limit:
 it reports the compile time and its steady-state speed against eager in that child.
@@ -29,11 +29,11 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from torch import nn
 
 from mobilebench import engine
-from mobilebench.config import Config
-from mobilebench.runtime import PRECISION_DTYPES, set_cpu_allocator
+from mobilebench.accel import set_cpu_allocator
+from mobilebench.config import Config, ModelConfig, TrainerConfig
+from mobilebench.trainer import build_from_config, build_trainer
 
 DEFAULT_VARIANTS = ["nchw-fp32-t2", "cl-fp32-t2", "nchw-fp32-t1", "cl-fp32-t1", "cl-bf16-t2", "nchw-bf16-t2"]
 
@@ -53,20 +53,13 @@ class Variant:
 
 
 def make_parts(model_name: str, variant: Variant, steps_per_epoch: int, compiled: bool = False) -> engine.Parts:
-    """Parts the way train.py builds them from the default config (SGD, nesterov, cosine)."""
-    from mobilebench.train import build, build_optimizer, build_scheduler
-
-    cfg = Config()
-    cfg.model.name = model_name
+    """Parts the way `mobilebench train` builds them from the default config (SGD, nesterov, cosine)."""
+    cfg = Config(model=ModelConfig(name=model_name),
+                 trainer=TrainerConfig(channels_last=variant.channels_last, precision=variant.precision,
+                                       compile="on" if compiled else "off", bn_momentum=None))
     torch.manual_seed(0)
-    raw = build(cfg, 10)
-    if variant.channels_last:
-        raw = raw.to(memory_format=torch.channels_last)
-    optimizer = build_optimizer(cfg, raw, cfg.optimizer.lr)
-    return engine.Parts(model=torch.compile(raw) if compiled else raw, optimizer=optimizer,
-                        scheduler=build_scheduler(cfg, optimizer, cfg.optimizer.lr, steps_per_epoch),
-                        scaler=torch.amp.GradScaler("cpu", enabled=False), loss_fn=nn.CrossEntropyLoss(),
-                        device=torch.device("cpu"), amp_dtype=PRECISION_DTYPES[variant.precision])
+    return build_trainer(cfg, build_from_config(cfg.model, 10), torch.device("cpu"), variant.precision,
+                         steps_per_epoch).parts
 
 
 def batches(batch_size: int, channels_last: bool, n: int = 4, size: int = 32) -> list[tuple[torch.Tensor, torch.Tensor]]:

@@ -9,11 +9,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from mobilebench.bench import BenchSettings, PILImages, bench_settings, minor_page_faults, standard_transform
+from mobilebench.bench import PILImages, minor_page_faults, standard_transform
 from mobilebench.cli import main
 from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
-from mobilebench.errors import UserError
 from mobilebench.loader import TensorLoader
 
 from .conftest import compose_config
@@ -38,15 +37,16 @@ def test_bench_train_writes_both_figures_and_ratios(tmp_path: Path, capsys: pyte
     assert result["device"].startswith("cpu") and result["precision"] in ("fp32", "bf16")
     assert result["model"] == "v3_small" and result["batch_size"] == 32 and result["baseline_workers"] == 2
     # Each side under its own allocator policy: the trainer's default, and glibc's for the baseline.
-    from mobilebench.runtime import _glibc
+    from mobilebench.accel.allocator import _glibc
 
     expected = ("cache", "system") if _glibc() else ("n/a (not glibc)",) * 2
     assert (result["cpu_allocator"], result["baseline_cpu_allocator"]) == expected
     assert len(result["rounds"]["train"]) == len(result["rounds"]["train_baseline"]) == 2
-    from mobilebench.models import native
-
-    assert result["native_kernels"] == ("on" if native.unavailable_reason() == "" else
-                                        f"off: {native.unavailable_reason()}")
+    # mobilebench's side trains with V3-Small's fast paths (the 5x5 native kernel: this image ships gcc);
+    # the baseline is the plain model.
+    assert result["cpu_kernels"]["setting"] == "auto"
+    assert result["cpu_kernels"]["swapped"]["se"] == 9 and result["cpu_kernels"]["swapped"]["depthwise_native"] == 8
+    assert result["native_kernels"] == "on" and result["baseline"].startswith("plain model (no fast paths)")
     for key in ("train_page_faults_per_step", "train_baseline_page_faults_per_step"):
         assert result[key] is None or result[key] >= 0, key
     out = capsys.readouterr().out
@@ -70,19 +70,19 @@ def test_minor_page_faults_counts_first_touches() -> None:
     region.close()
 
 
-def test_bench_settings_type_check_own_keys_and_pass_latency_keys() -> None:
-    settings = bench_settings({"mode": "train", "steps": 5, "batch_sizes": [1, 32], "repeats": 50, "future_key": "x"})
-    assert settings == BenchSettings(steps=5)
-    with pytest.raises(UserError, match="bench.steps"):
-        bench_settings({"steps": "many"})
-    with pytest.raises(UserError, match=r"bench.rounds=0 is out of range"):
-        bench_settings({"rounds": 0})
+def test_default_bench_config_is_typed_with_both_modes_keys() -> None:
+    from mobilebench.config import BenchConfig
 
-
-def test_default_bench_config_is_valid_and_keeps_latency_placeholders() -> None:
     config, _ = compose_config(["command=bench"])
-    assert bench_settings(config.bench) == BenchSettings()
-    assert config.bench["batch_sizes"] == [1, 32] and config.bench["repeats"] == 50
+    assert config.bench == BenchConfig()
+    assert config.bench.batch_sizes == [1, 32] and config.bench.repeats == 50 and config.bench.steps == 5
+
+
+def test_bench_without_the_fast_paths_reports_none(tmp_path: Path) -> None:
+    main(["bench", "train", *TINY_BENCH, "bench.rounds=1", "trainer.cpu_kernels=off", f"hydra.run.dir={tmp_path}/run"])
+    result = json.loads((tmp_path / "run" / "bench.json").read_text())
+    assert result["cpu_kernels"] == {"setting": "off", "swapped": {}}
+    assert result["native_kernels"].startswith("off")
 
 
 def test_bad_bench_value_is_one_line_exit_2(tmp_path: Path, capsys: pytest.CaptureFixture) -> None:

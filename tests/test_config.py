@@ -7,11 +7,11 @@ from pathlib import Path
 import pytest
 
 from mobilebench.cli import conf_dir, main
-from mobilebench.config import MODELS
+from mobilebench.models import MODEL_NAMES
 
 from .conftest import compose_config
 
-GROUPS = ["model", "data", "augment", "optimizer", "scheduler", "trainer", "experiment"]
+GROUPS = ["model", "data", "augment", "optimizer", "scheduler", "trainer", "experiment", "bench", "export", "quantize", "prune"]
 
 
 def _options(group: str) -> list[str]:
@@ -27,7 +27,17 @@ def test_every_option_composes_and_validates(group: str, option: str) -> None:
 
 
 def test_model_group_matches_the_model_names() -> None:
-    assert _options("model") == sorted(MODELS)
+    assert _options("model") == sorted(MODEL_NAMES)
+
+
+def test_every_section_is_a_typed_dataclass() -> None:
+    from mobilebench.config import BenchConfig, ExportConfig, PruneConfig, QuantizeConfig
+
+    config, _ = compose_config(["bench.repeats=7", "export.opset=17", "quantize.exclude=[se]", "prune.amount=0.5"])
+    assert isinstance(config.bench, BenchConfig) and config.bench.repeats == 7 and config.bench.steps == 5
+    assert isinstance(config.export, ExportConfig) and config.export.opset == 17
+    assert isinstance(config.quantize, QuantizeConfig) and config.quantize.exclude == ["se"]
+    assert isinstance(config.prune, PruneConfig) and config.prune.amount == 0.5
 
 
 def test_overrides_reach_the_typed_config() -> None:
@@ -56,6 +66,11 @@ def test_seed224_switches_to_the_tutorial_pipeline() -> None:
     ("augment.ramp=1.5", "augment.ramp=1.5 must be a fraction"),
     ("trainer.cpu_allocator=jemalloc", "choose one of: cache, system"),
     ("trainer.tta=crops", "choose one of: none, flip"),
+    ("trainer.cpu_kernels=fast", "trainer.cpu_kernels='fast' is not valid; choose one of: auto, on, off"),
+    ("export.atol=0", "export.atol=0.0 is out of range; it must be > 0"),
+    ("quantize.calib_method=mse", "choose one of: minmax, entropy, percentile"),
+    ("prune.finetune_batch=0", "prune.finetune_batch=0 is out of range"),
+    ("bench.steps=x", "bench.steps"),
 ])
 def test_config_mistakes_are_one_line_exit_2(override: str, expected: str, capsys: pytest.CaptureFixture, tmp_path: Path) -> None:
     with pytest.raises(SystemExit) as exit_info:
@@ -89,7 +104,7 @@ def test_progressive_resizing_refuses_the_per_image_pipeline() -> None:
         compose_config(["augment=strong", "augment.min_size=16"])
 
 
-@pytest.mark.parametrize("model", MODELS)
+@pytest.mark.parametrize("model", MODEL_NAMES)
 def test_each_model_has_a_cifar10_recipe(model: str) -> None:
     config, _ = compose_config([f"experiment=cifar10_{model}"])
     assert config.model.name == model and config.model.stem == "cifar"

@@ -20,24 +20,22 @@ pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
 from mobilebench.checkpoint import CheckpointError, load_model, save_checkpoint  # noqa: E402
-from mobilebench.config import Config  # noqa: E402
+from mobilebench.cli import main  # noqa: E402
+from mobilebench.config import Config, QuantizeConfig  # noqa: E402
 from mobilebench.deploy.common import load_source  # noqa: E402
-from mobilebench.deploy.export import export_onnx, run_export  # noqa: E402
+from mobilebench.deploy.export import run_export  # noqa: E402
+from mobilebench.deploy.int8 import conv_report, node_groups, quantize_static, runtime_ops  # noqa: E402
 from mobilebench.deploy.latency import run_latency  # noqa: E402
+from mobilebench.deploy.onnx import export_onnx  # noqa: E402
 from mobilebench.deploy.prune import channel_prune, run_prune  # noqa: E402
-from mobilebench.deploy.quantize import (  # noqa: E402
-    QuantizeConfig,
-    conv_report,
-    node_groups,
-    quantize_static,
-    run_quantize,
-    runtime_ops,
-)
+from mobilebench.deploy.quantize import run_quantize  # noqa: E402
 from mobilebench.errors import UserError  # noqa: E402
+from mobilebench.models import MODEL_NAMES as MODELS  # noqa: E402
 from mobilebench.models import build_model  # noqa: E402
 from mobilebench.profile import count_macs, count_params  # noqa: E402
 
-MODELS = ("v1", "v2", "v3_small", "v3_large")
+from .conftest import compose_config  # noqa: E402
+
 DATA = {"name": "synthetic", "root": "unused", "download": False, "val_size": 16, "train_subset": 96, "test_subset": 64,
         "image_size": 32, "batch_size": 32, "num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 FAST = {"exporter": "torchscript"}
@@ -62,11 +60,22 @@ def make_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
     return path
 
 
+def _override(value: object) -> str:
+    if value is None:
+        return "null"
+    if isinstance(value, bool):
+        return str(value).lower()
+    if isinstance(value, (list, tuple)):
+        return "[" + ",".join(_override(v) for v in value) + "]"
+    return str(value)
+
+
 def config(checkpoint: Path | None, **sections: dict) -> Config:
-    cfg = Config(command="export", checkpoint=str(checkpoint) if checkpoint else None)
-    for key, value in sections.items():
-        setattr(cfg, key, value)
-    return cfg
+    """The config as the CLI composes and checks it, with `section.key=value` overrides."""
+    overrides = [f"checkpoint={checkpoint}"] if checkpoint else []
+    overrides += [f"{section}.{key}={_override(value)}" for section, values in sections.items()
+                  for key, value in values.items()]
+    return compose_config(overrides)[0]
 
 
 @pytest.fixture(autouse=True, scope="module")
@@ -155,7 +164,7 @@ def test_quantize_exclude_keeps_se_float(ckpts: dict[str, Path], tmp_path: Path)
 
 
 def test_v3_rewrite_is_exact_and_leaves_no_float_islands(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    from mobilebench.deploy.common import ort_run, ort_session
+    from mobilebench.deploy.onnx import ort_run, ort_session
     from mobilebench.deploy.rewrite import rewrite_for_int8
 
     source = load_source(str(ckpts["v3_small"]))
@@ -181,7 +190,7 @@ def test_v3_rewrite_is_exact_and_leaves_no_float_islands(ckpts: dict[str, Path],
 
 
 def test_folding_int8_rescales_is_exact(ckpts: dict[str, Path], tmp_path: Path) -> None:
-    from mobilebench.deploy.common import ort_run, ort_session
+    from mobilebench.deploy.onnx import ort_run, ort_session
     from mobilebench.deploy.rewrite import fold_rescales, rewrite_for_int8
 
     source = load_source(str(ckpts["v3_small"]))
@@ -340,16 +349,28 @@ def test_errors_are_one_line(ckpts: dict[str, Path], tmp_path: Path) -> None:
     bad.write_bytes(b"not a checkpoint")
     with pytest.raises(CheckpointError, match="refused|corrupt"):
         run_prune(config(bad), {}, tmp_path)
-    with pytest.raises(UserError, match="export.format"):
-        run_export(config(ckpts["v1"], export={"format": "tflite"}), tmp_path)
-    with pytest.raises(UserError, match="export.frmat"):
-        run_export(config(ckpts["v1"], export={"frmat": "onnx"}), tmp_path)
     with pytest.raises(UserError, match="inverted-residual"):
         run_prune(config(ckpts["v1"], prune={"method": "channel"}), {}, tmp_path)
-    with pytest.raises(UserError, match="prune.amount"):
-        run_prune(config(ckpts["v2"], prune={"amount": 1.5}), {}, tmp_path)
-    with pytest.raises(UserError, match="quantize.exclude"):
-        run_quantize(config(ckpts["v2"], quantize={"exclude": ["everything"]}), tmp_path)
+
+
+@pytest.mark.parametrize("command, override, message", [
+    ("export", "format=tflite", "export.format='tflite' is not valid; choose one of: onnx, pt2"),
+    ("export", "export.frmat=onnx", "Could not override 'export.frmat'"),
+    ("prune", "amount=1.5", "prune.amount=1.5 is out of range; it must be in (0, 1), e.g. 0.2"),
+    ("quantize", "quantize.exclude=[everything]", "quantize.exclude has unknown group(s) everything; choose from: "
+                                                  "stem, depthwise, se, hardswish, head"),
+    ("bench", "bench.backends=[tflite]", "bench.backends has unknown backend(s) tflite"),
+])
+def test_bad_section_values_stop_before_any_work(ckpts: dict[str, Path], tmp_path: Path, capsys: pytest.CaptureFixture,
+                                                 command: str, override: str, message: str) -> None:
+    """Every command section is typed in the schema: a mistake is one line and exit 2, and no run dir is made."""
+    words = [command, "latency"] if command == "bench" else [command]
+    with pytest.raises(SystemExit) as exit_info:
+        main([*words, f"checkpoint={ckpts['v2']}", override, f"hydra.run.dir={tmp_path}/run"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and err[0].startswith("mobilebench: error: ") and message in err[0], err
+    assert not (tmp_path / "run").exists()
 
 
 def test_cli_prints_one_line_for_a_missing_checkpoint(tmp_path: Path) -> None:
@@ -364,7 +385,7 @@ def test_graph_edit_that_changes_the_logits_is_refused(tmp_path: Path) -> None:
     import numpy as np
     from onnx import TensorProto, helper, numpy_helper
 
-    from mobilebench.deploy.quantize import _save_if_same_logits
+    from mobilebench.deploy.int8 import _save_if_same_logits
 
     # logits = x @ W, a one-node graph
     w = numpy_helper.from_array(np.arange(12, dtype=np.float32).reshape(4, 3) / 10, "W")

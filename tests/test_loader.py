@@ -7,8 +7,17 @@ import torch
 
 from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
-from mobilebench.loader import (TensorLoader, crop_flip_batch, crop_windows, cutout, eval_batches, progressive_size,
-                                resident_device, resize_batch, window_bytes)
+from mobilebench.loader import (
+    TensorLoader,
+    crop_flip_batch,
+    crop_windows,
+    cutout,
+    eval_batches,
+    progressive_size,
+    resident_device,
+    resize_batch,
+    window_bytes,
+)
 
 
 def _images(n: int = 8, size: int = 32) -> torch.Tensor:

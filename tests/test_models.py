@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import urllib.error
-from collections.abc import Callable
 
 import pytest
 import torch
@@ -21,7 +20,7 @@ from mobilebench.models import (
     replace_classifier,
 )
 from mobilebench.models import weights as weights_module
-from mobilebench.models.blocks import ConvBNAct, ReLU6, SqueezeExcitation, make_activation
+from mobilebench.models.blocks import ConvBNAct, SqueezeExcitation, make_activation
 from mobilebench.profile import count_macs, count_params
 
 TORCHVISION = {
@@ -192,95 +191,25 @@ def test_forward_backward(name: str) -> None:
     assert all(p.grad is not None for p in model.parameters())
 
 
-def test_relu6_in_place_matches_stock_relu6() -> None:
-    # Values on both bounds (0 and 6 exactly) and in between, reached through a weight so the
-    # activation's input is a non-leaf, as after a BN.
-    w = torch.tensor(2.0, requires_grad=True)
-    base = torch.linspace(-1.0, 4.0, 21)  # *2: -2 .. 8 in steps of 0.5, 0 and 6 included
-    grad_out = torch.randn(21)
-
-    def run(act: nn.Module) -> tuple[torch.Tensor, torch.Tensor, bool]:
-        w.grad = None
-        h = base * w
-        with torch.profiler.profile() as prof:
-            out = act(h)
-        (out * grad_out).sum().backward()
-        cloned = any(e.name == "aten::clone" for e in prof.events())
-        return out.detach(), w.grad.clone(), cloned
-
-    ours = ReLU6(inplace=True).train()
-    out, grad, cloned = run(ours)
-    ref_out, ref_grad, _ = run(nn.ReLU6())
-    assert torch.equal(out, ref_out) and torch.equal(grad, ref_grad)
-    assert not cloned  # the point of the class: no copy of the input under autograd
-    assert run(nn.ReLU6(inplace=True))[2]  # what the stock in-place op does, so the check above can fail
-    with torch.no_grad():
-        h = base * 2.0
-        assert torch.equal(ours.eval()(h.clone()), ref_out)
-
-
-@pytest.mark.parametrize("memory_format", [torch.channels_last, torch.contiguous_format])
-def test_squeeze_excite_training_path_matches_the_stock_graph(memory_format: torch.memory_format) -> None:
-    torch.manual_seed(0)
-    se = SqueezeExcitation(24, 8).train()
-    with torch.no_grad():
-        se.fc2.bias.fill_(1.0)  # keep most gate inputs inside (-3, 3), where hard-sigmoid has a slope
-    x = torch.randn(4, 24, 5, 6).contiguous(memory_format=memory_format)
-    grad_out = torch.randn(4, 24, 5, 6)
-
-    def run(forward: Callable[[torch.Tensor], torch.Tensor]) -> tuple[str, list[torch.Tensor]]:
-        se.zero_grad()
-        leaf = x.clone().requires_grad_()
-        h = leaf * 1.5  # a non-leaf input, as after a BN
-        out = forward(h)
-        (out * grad_out).sum().backward()
-        return type(out.grad_fn).__name__, [out.detach(), leaf.grad, *(p.grad for p in se.parameters())]
-
-    def stock(h: torch.Tensor) -> torch.Tensor:
-        return h * se.gate(se.fc2(se.act(se.fc1(se.pool(h)))))
-
-    node, ours = run(se)
-    ref_node, ref = run(stock)
-    assert node == "_SqueezeExciteBackward" and ref_node != node  # the hand-written path ran, the stock one did not
-    assert ours[0].is_contiguous(memory_format=memory_format) and ours[1].is_contiguous(memory_format=memory_format)
-    for a, b in zip(ours, ref):
-        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
-    assert ours[3].abs().sum() > 0  # fc1's weight learns: the gate is not saturated
-    # Eval and autocast keep the stock graph.
-    assert run(se.eval())[0] == ref_node
-    se.train()
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        assert run(se)[0] != node
-
-
 def test_activation_in_place_only_where_it_saves_a_copy() -> None:
     assert make_activation("relu").inplace and make_activation("relu6").inplace
     assert not make_activation("hardswish").inplace  # its gradient needs the input
 
 
-@pytest.mark.parametrize("name, expected", [("v1", 4), ("v2", 3), ("v3_small", 9), ("v3_large", 7)])
-def test_cpu_autocast_keeps_slow_depthwise_convs_in_fp32(name: str, expected: int) -> None:
-    model = build_model(name).train().to(memory_format=torch.channels_last)
-    convs = [m for m in model.modules() if isinstance(m, ConvBNAct)]
-    kept = [m for m in convs if m.fp32_under_cpu_autocast]
-    # Depthwise convs other than 3x3 stride 1: the strided ones and V3's 5x5 ones.
-    assert len(kept) == expected
-    assert all(m.conv.groups == m.in_channels > 1 and (m.kernel_size != 3 or m.stride != 1) for m in kept)
-    # The conv's output dtype, read where BN takes it in: 5x5 depthwise training convs run through
-    # _DepthwiseConv, not the nn.Conv2d module.
-    dtypes: dict[nn.Module, torch.dtype] = {}
-    for m in convs:
-        m.bn.register_forward_hook(lambda mod, args, out, m=m: dtypes.__setitem__(m, args[0].dtype))
-    x = torch.randn(4, 3, 32, 32).contiguous(memory_format=torch.channels_last)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = model(x)
-    nn.functional.cross_entropy(out.float(), torch.tensor([1, 2, 3, 4])).backward()
-    assert {m for m in convs if dtypes[m] == torch.float32} == set(kept)
-    assert all(dtypes[m] == torch.bfloat16 for m in convs if m not in kept)
-    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
-    # Without autocast nothing changes: every conv in the parameters' dtype.
-    model(x)
-    assert all(dtypes[m] == torch.float32 for m in convs)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_blocks_are_the_plain_torch_modules(name: str) -> None:
+    """What a reader of torchvision expects: stock layers only, in conv -> BN -> activation order."""
+    model = build_model(name)
+    stock = (nn.Conv2d, nn.BatchNorm2d, nn.ReLU, nn.ReLU6, nn.Hardswish, nn.Hardsigmoid, nn.Identity, nn.Linear,
+             nn.Dropout, nn.AdaptiveAvgPool2d, nn.Flatten, nn.Sequential)
+    leaves = [m for m in model.modules() if not list(m.children())]
+    assert all(type(m) in stock for m in leaves), {type(m).__name__ for m in leaves if type(m) not in stock}
+    for block in (m for m in model.modules() if isinstance(m, ConvBNAct)):
+        assert [type(c) for c in block.children()][:2] == [nn.Conv2d, nn.BatchNorm2d]
+    relu6 = [m for m in model.modules() if isinstance(m, nn.ReLU6)]
+    assert all(type(m) is nn.ReLU6 and m.inplace for m in relu6) and (len(relu6) > 0) == (name == "v2")
+    for se in (m for m in model.modules() if isinstance(m, SqueezeExcitation)):
+        assert [type(c) for c in se.children()] == [nn.AdaptiveAvgPool2d, nn.Conv2d, nn.ReLU, nn.Conv2d, nn.Hardsigmoid]
 
 
 def test_default_dropout() -> None:

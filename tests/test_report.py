@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 import yaml
 
-from mobilebench.report import main
+from mobilebench.report import run_report as main
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 

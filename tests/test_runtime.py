@@ -9,14 +9,15 @@ import sys
 import pytest
 import torch
 
-from mobilebench import runtime
+from mobilebench import machine
+from mobilebench.accel.allocator import _glibc
 from mobilebench.errors import UserError
-from mobilebench.runtime import _glibc, resolve_precision
+from mobilebench.runtime import resolve_precision
 
 # Runs in a fresh process: glibc's policy is process-wide and sticky once set.
 PROBE = r"""
 import ctypes, json, torch
-from mobilebench.runtime import set_cpu_allocator
+from mobilebench.accel.allocator import set_cpu_allocator
 
 class MallInfo2(ctypes.Structure):
     _fields_ = [(n, ctypes.c_size_t) for n in
@@ -57,7 +58,7 @@ def test_cache_keeps_big_tensors_off_mmap_and_system_restores_it() -> None:
 
 
 def test_unknown_allocator_mode_is_refused() -> None:
-    from mobilebench.runtime import set_cpu_allocator
+    from mobilebench.accel.allocator import set_cpu_allocator
 
     if _glibc() is None:
         assert set_cpu_allocator("cache") is False
@@ -69,7 +70,12 @@ def test_unknown_allocator_mode_is_refused() -> None:
 @pytest.mark.parametrize("native", [True, False])
 def test_auto_precision_is_fp32_on_cpu(monkeypatch: pytest.MonkeyPatch, native: bool) -> None:
     # Native bf16 or not: bf16 cost a point of accuracy on the v3_small recipe (see resolve_precision).
-    monkeypatch.setattr(runtime, "cpu_has_native_bf16", lambda: native)
+    # The CPU's own probes are what any bf16-aware rule would read; patch them, and check the patch took.
+    for module in (torch.cpu, getattr(torch._C, "_cpu", None)):
+        for probe in ("_is_avx512_bf16_supported", "_is_amx_tile_supported"):
+            if module is not None and hasattr(module, probe):
+                monkeypatch.setattr(module, probe, lambda: native)
+    assert machine.cpu_has_native_bf16() is native
     cpu = torch.device("cpu")
     assert resolve_precision("auto", cpu) == "fp32"
     # An explicit choice always wins.

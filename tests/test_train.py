@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from mobilebench.checkpoint import load_checkpoint, load_model
-from mobilebench.config import MODELS
 from mobilebench.engine import evaluate, evaluate_views
-from mobilebench.train import build_optimizer, lr_factor, param_groups
+from mobilebench.models import MODEL_NAMES
+from mobilebench.optim import build_optimizer, lr_factor, param_groups
 
 from .conftest import TINY, compose_config, run_cli, train_run
 
@@ -27,7 +27,7 @@ def _metrics(run_dir: Path) -> list[dict]:
     return [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
 
 
-@pytest.mark.parametrize("name", MODELS)
+@pytest.mark.parametrize("name", MODEL_NAMES)
 def test_every_model_trains_and_writes_its_files(name: str, tmp_path: Path) -> None:
     best = train_run(tmp_path, f"model={name}", "trainer.epochs=2", "trainer.ema=true")
     rows = _metrics(tmp_path)
@@ -103,7 +103,7 @@ def test_fused_optimizer_takes_the_default_implementations_steps(name: str) -> N
                                   torch.nn.Linear(8 * 9, 4))]
     models.append(copy.deepcopy(models[0]))
     start = models[0][0].weight.detach().clone()
-    fast, plain = (build_optimizer(config, m, 0.05, fused=f) for m, f in zip(models, (True, False)))
+    fast, plain = (build_optimizer(config.optimizer, m, 0.05, fused=f) for m, f in zip(models, (True, False)))
     kernel = "foreach" if name == "rmsprop" else "fused"
     assert fast.defaults[kernel] is True and not plain.defaults.get("fused") and plain.defaults["foreach"] is None
     x, y = torch.randn(16, 3, 5, 5), torch.randint(0, 4, (16,))

@@ -1,5 +1,4 @@
-"""Helpers the deployment commands share: config sections, the model to deploy, its data, and
-accuracy measured the same way for PyTorch and onnxruntime."""
+"""Helpers the deployment commands share: the model to deploy, its data, and its accuracy in PyTorch."""
 
 from __future__ import annotations
 
@@ -13,9 +12,8 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
-from typing import Any, TypeVar
+from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
@@ -23,24 +21,8 @@ from mobilebench.config import Config
 from mobilebench.data import DataSplits, Split, load_data
 from mobilebench.errors import UserError
 
-T = TypeVar("T")
 INSTALL_HINT = "pip install 'mobilebench[deploy]'"
 INPUT_NAME, OUTPUT_NAME = "input", "logits"
-
-
-def parse_section(schema: type[T], values: dict[str, Any], section: str, ignore: tuple[str, ...] = ()) -> T:
-    """Check a free-form config section against `schema`: unknown keys and wrong types are one line."""
-    from omegaconf import OmegaConf
-    from omegaconf.errors import OmegaConfBaseException
-
-    plain = {k: v for k, v in dict(values or {}).items() if k not in ignore}
-    try:
-        return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(schema), plain))
-    except OmegaConfBaseException as err:
-        key = getattr(err, "full_key", None) or getattr(err, "key", None)
-        message = str(err).strip().splitlines()[0]
-        where = f"{section}.{key}" if key else section
-        raise UserError(f"{where}: {message} (valid keys: {', '.join(schema.__dataclass_fields__)})") from None
 
 
 def require(module: str) -> ModuleType:
@@ -64,13 +46,6 @@ def quiet() -> Iterator[None]:
             yield
         finally:
             logging.disable(logging.NOTSET)
-
-
-def set_threads(threads: int | None) -> int:
-    """Use `threads` intra-op threads in PyTorch (None: its default) and return the count in use."""
-    if threads:
-        torch.set_num_threads(threads)
-    return torch.get_num_threads()
 
 
 @dataclass
@@ -117,9 +92,9 @@ def load_source(path: str) -> Source:
 def random_source(config: Config, num_classes: int = 10) -> Source:
     """A model built from the config with random weights (latency needs no training)."""
     from mobilebench.models import build_model
-    from mobilebench.train import model_args
+    from mobilebench.trainer import model_args
 
-    args = model_args(config, config.model.num_classes or num_classes)
+    args = model_args(config.model, config.model.num_classes or num_classes)
     model = build_model(**args).eval()
     size = config.augment.resize or config.data.image_size
     return Source(model, config.model.name, args, None, None, size, [0.5, 0.5, 0.5], [0.25, 0.25, 0.25])
@@ -127,7 +102,7 @@ def random_source(config: Config, num_classes: int = 10) -> Source:
 
 def source_data(source: Source, config: Config, use_checkpoint_data: bool = True) -> DataSplits:
     """The data the checkpoint was trained on (or the configured data when the user overrode it)."""
-    from mobilebench.evaluation import checkpoint_data_config
+    from mobilebench.checkpoint import checkpoint_data_config
 
     data_cfg = checkpoint_data_config(source.blob) if use_checkpoint_data and source.blob else config.data
     data = load_data(data_cfg)
@@ -167,36 +142,6 @@ def torch_accuracy(model: nn.Module, split: Split, source: Source, batch_size: i
         return evaluate(model, batches(split, source, batch_size), source.num_classes, torch.device("cpu")).acc
 
 
-def ort_session(path: str | Path, threads: int) -> Any:
-    """An onnxruntime CPU session with every graph optimisation and a fixed thread count."""
-    ort = require("onnxruntime")
-    options = ort.SessionOptions()
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
-    options.intra_op_num_threads = threads
-    options.inter_op_num_threads = 1
-    options.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-    options.log_severity_level = 3  # errors only: its warnings are advice about the graph, not problems
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-    except Exception as err:  # onnxruntime raises its own exception types for unreadable models
-        raise UserError(f"onnxruntime cannot load {path}: {str(err).splitlines()[0]}") from None
-
-
-def ort_run(session: Any, x: torch.Tensor | np.ndarray) -> np.ndarray:
-    array = x.numpy() if isinstance(x, torch.Tensor) else x
-    return session.run(None, {session.get_inputs()[0].name: np.ascontiguousarray(array, dtype=np.float32)})[0]
-
-
-def ort_accuracy(session: Any, split: Split, source: Source, batch_size: int = 256) -> float:
-    """Top-1 accuracy of an onnxruntime session on `split` (same batches as `torch_accuracy`)."""
-    correct = total = 0
-    for x, y in batches(split, source, batch_size):
-        pred = ort_run(session, x).argmax(1)
-        correct += int((pred == y.numpy()).sum())
-        total += len(y)
-    return correct / max(total, 1)
-
-
 def state_bytes(model: nn.Module, path: Path | None = None) -> int:
     """Bytes of the model's state dict saved with torch.save (written to `path` when given)."""
     buffer = io.BytesIO()
@@ -212,30 +157,12 @@ def file_bytes(path: str | Path) -> int:
 
 
 def write_report(run_dir: Path, name: str, report: dict[str, Any]) -> Path:
-    from mobilebench.train import write_json_atomic
+    from mobilebench.runfiles import write_json_atomic
 
     run_dir.mkdir(parents=True, exist_ok=True)
     path = run_dir / name
     write_json_atomic(path, report, json.dumps(report, indent=2, default=str) + "\n")
     return path
-
-
-def _cpuinfo() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            return f.read()
-    except OSError:
-        return ""
-
-
-def cpu_flags() -> set[str]:
-    """The x86 feature flags of this CPU (empty where /proc/cpuinfo is not available)."""
-    line = next((ln for ln in _cpuinfo().splitlines() if ln.startswith("flags")), "")
-    return set(line.split(":", 1)[-1].split())
-
-
-def cpu_name() -> str | None:
-    return next((ln.split(":", 1)[1].strip() for ln in _cpuinfo().splitlines() if ln.startswith("model name")), None)
 
 
 def mb(n_bytes: int) -> str:

@@ -8,56 +8,21 @@ latency does not depend on what the weights are.
 
 from __future__ import annotations
 
-import platform
-from dataclasses import dataclass, field, fields
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any
 
 import torch
 
-from mobilebench.config import Config
-from mobilebench.deploy.common import (
-    Source,
-    load_source,
-    ort_run,
-    ort_session,
-    parse_section,
-    random_batch,
-    random_source,
-    set_threads,
-    write_report,
-)
+from mobilebench.config import Config, LatencyConfig, QuantizeConfig
+from mobilebench.deploy.common import Source, load_source, random_batch, random_source, source_data, write_report
+from mobilebench.deploy.int8 import calibration_arrays, quantize_static
+from mobilebench.deploy.onnx import export_onnx, ort_run, ort_session
 from mobilebench.deploy.timing import summarize, time_interleaved
-from mobilebench.errors import UserError
+from mobilebench.machine import machine_note
+from mobilebench.runtime import set_threads
 
-BACKENDS = ("pytorch", "onnx_fp32", "onnx_int8")
 LABELS = {"pytorch": "torch fp32", "onnx_fp32": "ort fp32", "onnx_int8": "ort int8"}  # short: the table must fit 80 columns
-
-
-@dataclass
-class LatencyConfig:
-    """The `bench.*` keys the latency mode reads; the keys of `bench train` are left to it."""
-
-    batch_sizes: list[int] = field(default_factory=lambda: [1, 32])
-    repeats: int = 50  # timed calls per backend and batch size, in 5 rounds with the backends taking turns
-    warmup: int = 5  # untimed calls first
-    threads: Optional[int] = None  # intra-op threads for PyTorch and onnxruntime; None: trainer.threads, else PyTorch's default
-    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
-    calib_size: int = 256  # images that calibrate the int8 model
-    exporter: str = "dynamo"  # ONNX exporter (see export.exporter)
-
-
-def parse_latency(values: dict[str, Any]) -> LatencyConfig:
-    mine = {f.name for f in fields(LatencyConfig)}
-    cfg = parse_section(LatencyConfig, {k: v for k, v in dict(values or {}).items() if k in mine}, "bench")
-    bad = [b for b in cfg.backends if b not in BACKENDS]
-    if bad or not cfg.backends:
-        raise UserError(f"bench.backends has unknown backend(s) {', '.join(bad) or '(none given)'}; choose from: {', '.join(BACKENDS)}")
-    if not cfg.batch_sizes or min(cfg.batch_sizes) < 1:
-        raise UserError("bench.batch_sizes must list batch sizes >= 1, e.g. [1,32]")
-    if cfg.repeats < 1 or cfg.warmup < 0 or cfg.calib_size < 1:
-        raise UserError("bench.repeats and bench.calib_size must be >= 1 and bench.warmup >= 0")
-    return cfg
 
 
 def build_runners(source: Source, config: Config, cfg: LatencyConfig, run_dir: Path, threads: int,
@@ -74,16 +39,12 @@ def build_runners(source: Source, config: Config, cfg: LatencyConfig, run_dir: P
 
         runners["pytorch"] = eager
     if {"onnx_fp32", "onnx_int8"} & set(cfg.backends):
-        from mobilebench.deploy.export import export_onnx
-
         fp32 = export_onnx(source.model, run_dir / "model.onnx", source.image_size, cfg.exporter)
         built["onnx_fp32"] = str(fp32)
         if "onnx_fp32" in cfg.backends:
             s32 = ort_session(fp32, threads)
             runners["onnx_fp32"] = lambda x: ort_run(s32, x)
         if "onnx_int8" in cfg.backends:
-            from mobilebench.deploy.quantize import QuantizeConfig, calibration_arrays, quantize_static
-
             qcfg = QuantizeConfig(calib_size=cfg.calib_size)
             int8 = run_dir / "model.int8.onnx"
             arrays = calibration_arrays(source, config, qcfg, use_checkpoint_data)
@@ -94,14 +55,11 @@ def build_runners(source: Source, config: Config, cfg: LatencyConfig, run_dir: P
 
 
 def run_latency(config: Config, run_dir: Path, use_checkpoint_data: bool = True) -> dict[str, Any]:
-    from mobilebench.deploy.quantize import machine_note
-
-    cfg = parse_latency(config.bench)
+    """Time the plain model and its ONNX fp32 / int8 versions side by side; writes latency.json."""
+    cfg: LatencyConfig = config.bench
     threads = set_threads(cfg.threads or config.trainer.threads)
     source = load_source(config.checkpoint) if config.checkpoint else random_source(config)
     if source.mean is None and source.blob is not None:
-        from mobilebench.deploy.common import source_data
-
         source_data(source, config, use_checkpoint_data)
     runners, built = build_runners(source, config, cfg, run_dir, threads, use_checkpoint_data)
     results: dict[str, dict[str, dict[str, float]]] = {name: {} for name in runners}
@@ -118,7 +76,7 @@ def run_latency(config: Config, run_dir: Path, use_checkpoint_data: bool = True)
         "method": ("wall clock per batch; backends take turns in 5 rounds of chunks (first call of each turn untimed), "
                    "so load from other processes hits all of them alike"),
         "results": results, "speedup": speedups(results), "built": built,
-        "machine": {**machine_note(), "python": platform.python_version()},
+        "machine": machine_note(),
     }
     write_report(run_dir, "latency.json", report)
     print_latency(report)

@@ -13,65 +13,41 @@ from __future__ import annotations
 
 import copy
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import torch
 from torch import nn
 
-from mobilebench.config import AugmentConfig, Config
+from mobilebench import accel
+from mobilebench.config import (
+    AugmentConfig,
+    Config,
+    DataConfig,
+    OptimizerConfig,
+    PruneConfig,
+    SchedulerConfig,
+    TrainerConfig,
+)
 from mobilebench.data import Split
 from mobilebench.deploy.common import (
     Source,
     load_source,
     mb,
     need_checkpoint,
-    parse_section,
-    set_threads,
     source_data,
     state_bytes,
     take,
     torch_accuracy,
     write_report,
 )
+from mobilebench.engine import StopFlag, TrainState, train_one_epoch
 from mobilebench.errors import UserError
 from mobilebench.loader import TensorLoader
-from mobilebench.runtime import set_cpu_allocator
+from mobilebench.runtime import set_threads
+from mobilebench.trainer import build_trainer
 
-METHODS = ("l1_unstructured", "channel")
 USAGE = "mobilebench prune checkpoint=outputs/train/.../checkpoints/best.pt method=channel amount=0.2"
-
-
-@dataclass
-class PruneConfig:
-    method: str = "l1_unstructured"  # l1_unstructured | channel
-    amount: float = 0.2  # fraction of weights (unstructured) or of expanded channels (channel) to remove
-    bn_calib_images: int = 1024  # training images that re-estimate BatchNorm statistics after pruning (0: keep them)
-    finetune_epochs: int = 0  # short fine-tune after pruning (0: none)
-    finetune_lr: float = 0.01  # peak lr of the fine-tune's cosine schedule (SGD, Nesterov momentum 0.9)
-    finetune_batch: int = 128
-    finetune_steps: Optional[int] = None  # cap on steps per fine-tune epoch
-    weight_decay: float = 5e-5
-    test_images: Optional[int] = None  # None: the whole test split
-    eval_batch: int = 256
-    threads: Optional[int] = None  # None: trainer.threads, else PyTorch's default
-    seed: int = 0
-
-
-def parse_prune(values: dict[str, Any]) -> PruneConfig:
-    cfg = parse_section(PruneConfig, values, "prune")
-    if cfg.method not in METHODS:
-        raise UserError(f"prune.method={cfg.method!r} is not valid; choose one of: {', '.join(METHODS)}")
-    if not 0.0 < cfg.amount < 1.0:
-        raise UserError(f"prune.amount={cfg.amount} is out of range; it must be in (0, 1), e.g. 0.2")
-    if cfg.finetune_epochs < 0 or cfg.finetune_lr <= 0 or cfg.finetune_batch < 1:
-        raise UserError("prune.finetune_epochs must be >= 0, prune.finetune_lr > 0 and prune.finetune_batch >= 1")
-    if cfg.bn_calib_images < 0:
-        raise UserError(f"prune.bn_calib_images={cfg.bn_calib_images} is out of range; it must be >= 0")
-    if cfg.finetune_steps is not None and cfg.finetune_steps < 1:
-        raise UserError(f"prune.finetune_steps={cfg.finetune_steps} is out of range; it must be >= 1")
-    return cfg
 
 
 # --- unstructured ----------------------------------------------------------------------------
@@ -198,10 +174,10 @@ def channel_prune(model: nn.Module, model_args: dict[str, Any], amount: float) -
 # --- repair ----------------------------------------------------------------------------------------
 
 
-def training_batches(split: Split, source: Source, batch_size: int, seed: int) -> TensorLoader:
+def training_batches(split: Split, source: Source, batch_size: int, seed: int, channels_last: bool = False) -> TensorLoader:
     """Shuffled, cropped + flipped CPU batches at the model's input size, the kind training fed it."""
     loader = TensorLoader(split, batch_size, AugmentConfig(), source.mean, source.std, torch.device("cpu"),
-                          torch.Generator().manual_seed(seed), channels_last=False)
+                          torch.Generator().manual_seed(seed), channels_last=channels_last)
     loader.image_size = source.image_size
     return loader
 
@@ -210,13 +186,13 @@ def recalibrate_bn(model: nn.Module, split: Split, source: Source, batch_size: i
     """Re-estimate every BatchNorm's running mean and variance on `split`, without gradients.
 
     Removing channels also removes their constant (BN-shift) contribution to the next layers, so the
-    stored statistics no longer match: measured here, 20% channel pruning of v3_small dropped test
-    accuracy from 43% to 11%, and this pass alone brought it back to 44%.
+    stored statistics no longer match; this pass alone recovers most of what pruning cost
+    (docs/deployment.md, Pruning).
 
     The batches are the training kind: shuffled (image folders come sorted by class, and a
-    single-class batch shows only within-class variance) and cropped + flipped. The weights were
-    trained against statistics of augmented batches: on the unpruned 40-epoch v3_small (87.39%),
-    re-estimating on plain images gave 83.03%, on cropped + flipped ones 87.48%.
+    single-class batch shows only within-class variance) and cropped + flipped, because the weights
+    were trained against statistics of augmented batches; plain images cost the unpruned model
+    itself several points.
     """
     loader = training_batches(split, source, batch_size, seed)
     norms = [m for m in model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
@@ -236,25 +212,35 @@ def recalibrate_bn(model: nn.Module, split: Split, source: Source, batch_size: i
 # --- fine-tune -------------------------------------------------------------------------------------
 
 
-def finetune(model: nn.Module, train: Split, source: Source, cfg: PruneConfig) -> list[dict[str, float]]:
-    """A few epochs of SGD with crop + flip, cosine-decayed from `finetune_lr`; returns per-epoch loss/acc."""
-    from mobilebench.engine import Parts, StopFlag, TrainState, train_one_epoch
-    from mobilebench.train import lr_factor, param_groups
+def finetune_config(cfg: PruneConfig, trainer: TrainerConfig) -> Config:
+    """The fine-tune as a training config: SGD with Nesterov momentum, cosine from `finetune_lr`."""
+    return Config(
+        data=DataConfig(batch_size=cfg.finetune_batch),
+        optimizer=OptimizerConfig(name="sgd", lr=cfg.finetune_lr, momentum=0.9, nesterov=True,
+                                  weight_decay=cfg.weight_decay),
+        scheduler=SchedulerConfig(name="cosine", warmup_epochs=0.0),
+        # The model keeps its own BatchNorm momentum; the fast paths and memory format follow `train`'s settings.
+        trainer=TrainerConfig(epochs=cfg.finetune_epochs, device="cpu", precision="fp32", bn_momentum=None,
+                              channels_last=trainer.channels_last, cpu_kernels=trainer.cpu_kernels,
+                              max_steps_per_epoch=cfg.finetune_steps))
 
+
+def finetune(model: nn.Module, train: Split, source: Source, cfg: PruneConfig,
+             trainer_cfg: TrainerConfig) -> list[dict[str, float]]:
+    """A few epochs of SGD with crop + flip; returns per-epoch loss/acc. `model` ends with the tuned weights."""
     if source.image_size != train.x.shape[-1]:
         raise UserError("fine-tuning a model trained with augment.resize is not supported; use prune.finetune_epochs=0")
     device = torch.device("cpu")
-    loader = training_batches(train, source, cfg.finetune_batch, cfg.seed)
+    run_cfg = finetune_config(cfg, trainer_cfg)
+    loader = training_batches(train, source, cfg.finetune_batch, cfg.seed, run_cfg.trainer.channels_last)
     steps = min(len(loader), cfg.finetune_steps or len(loader))
-    total = steps * cfg.finetune_epochs
-    optimizer = torch.optim.SGD(param_groups(model, cfg.weight_decay), lr=cfg.finetune_lr, momentum=0.9, nesterov=True)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: lr_factor(step, total, 0, "cosine"))
-    parts = Parts(model=model, optimizer=optimizer, scheduler=scheduler, scaler=torch.amp.GradScaler("cpu", enabled=False),
-                  loss_fn=nn.CrossEntropyLoss(), device=device, amp_dtype=None, max_steps_per_epoch=cfg.finetune_steps)
+    # The trainer swaps fast paths into its model in place: train a copy, then copy the weights back.
+    trainer = build_trainer(run_cfg, copy.deepcopy(model), device, "fp32", steps)
     state, history = TrainState(), []
     for epoch in range(cfg.finetune_epochs):
-        stats = train_one_epoch(parts, loader, state, StopFlag(), lambda info: None)
+        stats = train_one_epoch(trainer.parts, loader, state, StopFlag(), lambda info: None)
         history.append({"epoch": epoch + 1, "loss": round(stats.loss, 4), "acc": round(stats.acc, 4), "seconds": round(stats.seconds, 1)})
+    model.load_state_dict(trainer.raw.state_dict())
     model.eval()
     return history
 
@@ -283,12 +269,13 @@ def measure(model: nn.Module, source: Source) -> dict[str, int]:
 
 
 def run_prune(config: Config, cfg_dict: dict[str, Any], run_dir: Path, use_checkpoint_data: bool = True) -> dict[str, Any]:
+    """Prune the checkpoint's plain model, re-estimate BatchNorm, optionally fine-tune; writes pruned.pt."""
     from mobilebench.checkpoint import save_checkpoint
 
-    cfg = parse_prune(config.prune)
+    cfg = config.prune
     path = need_checkpoint(config, USAGE)
     threads = set_threads(cfg.threads or config.trainer.threads)
-    set_cpu_allocator(config.trainer.cpu_allocator)  # the fine-tune is training: same policy as `train`
+    accel.set_cpu_allocator(config.trainer.cpu_allocator)  # the fine-tune is training: same policy as `train`
     torch.manual_seed(cfg.seed)
     source = load_source(path)
     data = source_data(source, config, use_checkpoint_data)
@@ -314,7 +301,7 @@ def run_prune(config: Config, cfg_dict: dict[str, Any], run_dir: Path, use_check
         reference = copy.deepcopy(source.model)
         recalibrate_bn(reference, calib, source)
         before["test_acc_bn_recalibrated"] = torch_accuracy(reference, test, source, cfg.eval_batch)
-    history = finetune(model, data.train, source, cfg) if cfg.finetune_epochs else []
+    history = finetune(model, data.train, source, cfg, config.trainer) if cfg.finetune_epochs else []
     if masks is not None:
         make_permanent(masks)
     prune_s = time.perf_counter() - t0

@@ -6,7 +6,7 @@
  * contiguous channels and vectorizes; each caller thread owns its own acc.
  *
  * Why not oneDNN: its depthwise backward-weights runs 5x5 kernels at 7-11 GMAC/s on CIFAR
- * shapes; this loop reaches 2-4x that (see mobilebench/models/native.py).
+ * shapes; this loop reaches 2-4x that (see mobilebench/accel/native.py).
  */
 #include <stdint.h>
 

@@ -1,17 +1,14 @@
 """A small C kernel for the one training op oneDNN runs badly here: depthwise 5x5 weight gradients.
 
-oneDNN's depthwise backward-weights reaches 7-11 GMAC/s on V3's 5x5 layers at CIFAR sizes
-(2-core EPYC, batch 128, channels_last, cold cache: 240 channels at 8px 5.1 ms). The plain loop in
-``depthwise_grad.c``, compiled for the host CPU, takes 1.6 ms there (1.2-1.8 ms against 2.4-5.1 on
-v3_small's 5x5 layers). On 3x3 layers it is no faster (72 channels, stride 2, 32px: 1.90 vs
-1.83 ms; 16 channels at 32px: 2.17 vs 0.67), so blocks use it for 5x5 only. Whole v3_small
-training steps, alternating in one process: 664 -> 710 images/s at 32px, 1,814 -> 2,041 at 16px.
+oneDNN's depthwise backward-weights is slow on V3's 5x5 layers at CIFAR sizes; the plain loop in
+`depthwise_grad.c`, compiled for the host CPU, is 2-4x faster there and no faster on 3x3 layers,
+so `mobilebench.accel` uses it for 5x5 and up only (figures: docs/performance.md).
 
-The library is built on first use with the system C compiler (``$CC`` or ``cc``) into a per-user
+The library is built on first use with the system C compiler (`$CC` or `cc`) into a per-user
 cache keyed by the source, the compiler, its flags and the CPU, and loaded with ctypes. No compiler,
-a failed build, or ``MOBILEBENCH_NATIVE_KERNELS=0`` leaves oneDNN's kernel in place
-(:func:`unavailable_reason` says why). Work is split over images across
-``torch.get_num_threads()`` threads; ctypes releases the GIL during each call.
+a failed build, or `MOBILEBENCH_NATIVE_KERNELS=0` leaves oneDNN's kernel in place
+(`unavailable_reason` says why). Work is split over images across `torch.get_num_threads()`
+threads; ctypes releases the GIL during each call.
 """
 
 from __future__ import annotations
@@ -21,7 +18,6 @@ import functools
 import hashlib
 import logging
 import os
-import platform
 import shlex
 import shutil
 import subprocess
@@ -31,6 +27,8 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
+
+from mobilebench.machine import cpu_identity
 
 log = logging.getLogger(__name__)
 
@@ -44,21 +42,6 @@ def _compiler() -> list[str] | None:
     cc = os.environ.get("CC") or sysconfig.get_config_var("CC") or "cc"
     cmd = shlex.split(cc)
     return cmd if cmd and shutil.which(cmd[0]) else None
-
-
-def _cpu_identity() -> str:
-    """What a host-tuned binary depends on: the ISA and, on Linux, the CPU's model and feature flags."""
-    ident = platform.machine()
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
-            for line in f:
-                if line.startswith(("model name", "flags", "Features", "CPU part")):
-                    ident += line
-                if line.strip() == "":  # the first processor's block is enough
-                    break
-    except OSError:
-        pass
-    return ident
 
 
 def cache_dir() -> Path:
@@ -83,7 +66,7 @@ def _build(cc: list[str], flags: tuple[str, ...], out: Path) -> None:
 
 def _load(cc: list[str]) -> ctypes.CDLL:
     source_key = hashlib.sha256(SOURCE.read_bytes())
-    source_key.update(repr((cc, _cpu_identity())).encode())
+    source_key.update(repr((cc, cpu_identity())).encode())
     errors = []
     for flags in (_FLAGS + _HOST_FLAGS, _FLAGS):
         key = source_key.copy()

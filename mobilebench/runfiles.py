@@ -1,0 +1,71 @@
+"""A run dir's files: metrics.jsonl, summary.json and checkpoints/, written atomically."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from mobilebench.errors import UserError
+
+
+class RunFiles:
+    """metrics.jsonl, summary.json and checkpoints/ of one run dir (rank 0 writes, others no-op)."""
+
+    def __init__(self, run_dir: Path, enabled: bool) -> None:
+        self.dir, self.enabled = run_dir, enabled
+        self.metrics = run_dir / "metrics.jsonl"
+        self.summary = run_dir / "summary.json"
+        self.last = run_dir / "checkpoints" / "last.pt"
+        self.best = run_dir / "checkpoints" / "best.pt"
+
+    def append_metrics(self, row: dict[str, Any]) -> None:
+        if self.enabled:
+            with open(self.metrics, "a") as f:
+                f.write(json.dumps(row) + "\n")
+
+    def truncate_metrics(self, epoch: int) -> None:
+        """Keep the epochs a resumed checkpoint already has; drop later and interrupted lines."""
+        if not self.enabled or not self.metrics.exists():
+            return
+        rows = [json.loads(line) for line in self.metrics.read_text().splitlines() if line.strip()]
+        keep = [r for r in rows if not r.get("interrupted") and r.get("epoch", 0) <= epoch]
+        write_json_atomic(self.metrics, None, text="".join(json.dumps(r) + "\n" for r in keep))
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        if self.enabled:
+            write_json_atomic(self.summary, summary)
+
+    def read_summary(self) -> dict[str, Any] | None:
+        try:
+            return json.loads(self.summary.read_text())
+        except (OSError, ValueError):
+            return None
+
+
+def write_json_atomic(path: Path, obj: Any, text: str | None = None) -> None:
+    """Write `obj` as JSON (or `text` as is) via a temporary file and a rename: never half a file."""
+    tmp = path.with_name(f".{path.name}.tmp")
+    try:
+        tmp.write_text(text if text is not None else json.dumps(obj, indent=2) + "\n")
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"cannot write {path}: {err.strerror or err}; free disk space or pick a writable hydra.run.dir") from None
+
+
+def check_run_dir(files: RunFiles, overwrite: bool, resume: str | None) -> None:
+    """Refuse to clobber a finished run, and fail early on an unwritable dir."""
+    try:
+        files.dir.mkdir(parents=True, exist_ok=True)
+        probe = files.dir / ".write_test"
+        probe.write_text("")
+        probe.unlink()
+    except OSError as err:
+        raise UserError(f"run dir {files.dir} is not writable ({err.strerror or err}); set hydra.run.dir to a writable path") from None
+    previous = files.read_summary()
+    if previous and previous.get("status") == "completed" and not overwrite and resume is None:
+        raise UserError(f"{files.dir} already holds a finished run; pick another hydra.run.dir or set trainer.overwrite=true")
+    if overwrite and resume is None:
+        for path in (files.metrics, files.summary, files.last, files.best):
+            path.unlink(missing_ok=True)
