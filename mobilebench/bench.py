@@ -41,6 +41,7 @@ from mobilebench.machine import cpu_has_native_bf16, device_name, load_average
 from mobilebench.optim import build_optimizer, scaled_lr
 from mobilebench.runfiles import write_json_atomic
 from mobilebench.runtime import resolve_compile, resolve_device, resolve_precision, seed_everything, set_threads
+from mobilebench.validate import validate_bench
 from mobilebench.trainer import Trainer, build_from_config, build_train_loader, build_trainer
 
 log = logging.getLogger("mobilebench")
@@ -253,7 +254,7 @@ def print_table(result: dict[str, Any]) -> None:
     console.print(table)
     console.print(
         f"mobilebench: {r['precision']}, channels_last={r['channels_last']}, compile={r['compile']}, "
-        f"{r['threads']} threads, allocator {r['cpu_allocator']}, fast paths {_fast(r['cpu_kernels']['swapped'])}; baseline: plain model, fp32, NCHW, eager, "
+        f"{r['threads']} threads, allocator {r['cpu_allocator']}, fast paths {accel.describe(r['cpu_kernels']['swapped'])}; baseline: plain model, fp32, NCHW, eager, "
         f"DataLoader(num_workers={r['baseline_workers']}), {r['baseline_threads']} threads, allocator "
         f"{r['baseline_cpu_allocator']}. {r['device']}, torch {r['torch']}, load average {r['load_average']}.")
     console.print(f"Time waiting for data during training: mobilebench {100 * r['train_data_share']:.0f}%, "
@@ -263,16 +264,13 @@ def print_table(result: dict[str, Any]) -> None:
                       f"baseline {r['train_baseline_page_faults_per_step']:,.0f}.")
 
 
-def _fast(swapped: dict[str, int]) -> str:
-    return ", ".join(f"{name} x{n}" for name, n in swapped.items() if n) or "none"
-
-
 # --- the command ---------------------------------------------------------------------------
 
 
 def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
     """Measure (a) and (b), print the table, write `bench.json` into `run_dir`; returns its content."""
     settings = config.bench
+    validate_bench(settings)  # the CLI checked it already; a direct caller gets the same one-line errors
     initial_threads = torch.get_num_threads()  # torch's default unless an earlier in-process run changed it
     baseline_threads = settings.baseline_threads or initial_threads
     set_threads(config.trainer.threads)

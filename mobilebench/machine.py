@@ -61,11 +61,11 @@ def cpu_has_native_bf16() -> bool:
     return any(probe() for probe in probes if callable(probe))
 
 
-def device_name(device: torch.device) -> str:
-    """`cuda:<GPU name>`, `cpu:<CPU model>`, or the device type."""
+def device_name(device: torch.device, cpu_model: bool = True) -> str:
+    """`cuda:<GPU name>`, `cpu:<CPU model>` (`cpu` without `cpu_model`), or the device type."""
     if device.type == "cuda":
         return f"cuda:{torch.cuda.get_device_name(device)}"
-    if device.type == "cpu":
+    if device.type == "cpu" and cpu_model:
         return f"cpu:{cpu_name()}"
     return device.type
 

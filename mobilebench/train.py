@@ -26,7 +26,7 @@ from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
 from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, progressive_size
-from mobilebench.machine import device_name
+from mobilebench.machine import cpu_name, device_name
 from mobilebench.progress import make_progress, print_time_report
 from mobilebench.runfiles import RunFiles, check_run_dir
 from mobilebench.runtime import (
@@ -98,8 +98,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
              precision, len(data.train), len(data.val), len(data.test), cfg.data.batch_size, world.size,
              summary["global_batch_size"])
     if trainer.fast_paths:
-        log.info("CPU fast paths (trainer.cpu_kernels=%s): %s", t.cpu_kernels,
-                 ", ".join(f"{name} x{n}" for name, n in trainer.fast_paths.items() if n) or "none apply")
+        log.info("CPU fast paths (trainer.cpu_kernels=%s): %s", t.cpu_kernels, accel.describe(trainer.fast_paths))
 
     totals = {"train_s": 0.0, "data_s": 0.0, "eval_s": 0.0, "images": 0.0}
     a = cfg.augment
@@ -157,12 +156,15 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         raise
 
     t_test = time.perf_counter()
-    test, test_tta = test_final(cfg, files, data, device, parts.amp_dtype, world)
+    tested = files.best if files.best.exists() else files.last
+    if tested == files.last:
+        log.info("no best.pt in %s (the best epoch is in the run this one resumed from); testing last.pt", files.dir)
+    test, test_tta = test_final(cfg, tested, data, device, parts.amp_dtype, world)
     train_s = totals["train_s"]
     summary.update({
         "status": "completed", "best_val_acc": state.best_val_acc if state.best_val_acc >= 0 else None,
         "test_acc": test.acc, "test_top5": test.top5, "test_loss": test.loss,
-        "test_acc_tta": test_tta.acc if test_tta else None, "train_s": train_s,
+        "test_acc_tta": test_tta.acc if test_tta else None, "test_checkpoint": tested.name, "train_s": train_s,
         "images_per_s": totals["images"] / train_s if train_s > 0 else None,
         "data_s": totals["data_s"], "compute_s": train_s - totals["data_s"], "eval_s": totals["eval_s"],
         "test_s": time.perf_counter() - t_test, "wall_s": time.perf_counter() - t_start, "epochs_done": state.epoch,
@@ -190,10 +192,11 @@ def start_summary(cfg: Config, raw: nn.Module, data: DataSplits, device: torch.d
         "image_size": image_size, "epochs": cfg.trainer.epochs,
         "batch_size": cfg.data.batch_size, "global_batch_size": cfg.data.batch_size * world.size,
         "train_images": len(data.train), "val_images": len(data.val), "test_images": len(data.test),
-        "device": device_name(device), "precision": precision, "torch": torch.__version__,
+        "device": device_name(device, cpu_model=False), "cpu": cpu_name(), "precision": precision,
+        "torch": torch.__version__,
         "seed": cfg.trainer.seed, "world_size": world.size, "threads": torch.get_num_threads(),
         "cpu_kernels": {"setting": cfg.trainer.cpu_kernels, "swapped": fast_paths,
-                        "native": accel.native_state() if fast_paths else None},
+                        "native": accel.native_state() if fast_paths.get("depthwise_native") else None},
         "best_val_acc": None, "test_acc": None, "test_top5": None, "tta": cfg.trainer.tta, "test_acc_tta": None,
         "train_s": None, "images_per_s": None,
     }
@@ -208,12 +211,12 @@ def add_epoch(totals: dict[str, float], row: dict[str, Any]) -> None:
     totals["images"] += row["train_images_per_s"] * train_s
 
 
-def test_final(cfg: Config, files: RunFiles, data: DataSplits, device: torch.device, amp_dtype: torch.dtype | None,
+def test_final(cfg: Config, path: Path, data: DataSplits, device: torch.device, amp_dtype: torch.dtype | None,
                world: World) -> tuple[engine.EvalResult, engine.EvalResult | None]:
-    """The test set on a plain model rebuilt from the best checkpoint (its EMA weights when kept).
+    """The test set on a plain model rebuilt from checkpoint `path` (its EMA weights when kept).
 
     A run resumed from another run dir's checkpoint may never beat that run's best validation
-    accuracy, so it has no best.pt of its own: its last.pt is tested then, and the log says so.
+    accuracy, so it has no best.pt of its own: the caller passes its last.pt then.
     """
     from mobilebench.models import build_model
 
@@ -221,10 +224,6 @@ def test_final(cfg: Config, files: RunFiles, data: DataSplits, device: torch.dev
         import torch.distributed as dist
 
         dist.barrier()  # rank 0 has finished writing the checkpoints
-    path = files.best
-    if not path.exists():
-        log.info("no best.pt in %s (the best epoch is in the run this one resumed from); testing last.pt", files.dir)
-        path = files.last
     model = build_model(**model_args(cfg.model, data.num_classes)).to(device)
     load_weights(model, inference_state_dict(load_checkpoint(path, device)), path)
     if cfg.trainer.channels_last:

@@ -100,8 +100,8 @@ def build_trainer(cfg: Config, model: nn.Module, device: torch.device, precision
     compiled = resolve_compile(t.compile, device)
     amp_dtype = PRECISION_DTYPES[precision]
     fast: dict[str, int] = {}
-    if accel.enabled(t.cpu_kernels, device, compiled):  # after the moves: the swaps share the tensors
-        fast = accel.convert(raw, device, amp_dtype)
+    if accel.enabled(t.cpu_kernels, device, compiled):
+        fast = accel.convert(raw, device, amp_dtype, t.channels_last)
     if t.sync_bn and world.size > 1:
         raw = sync_batchnorm(raw, device)
     wrapped: nn.Module = raw

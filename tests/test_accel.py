@@ -119,6 +119,25 @@ def test_hooked_or_pruned_convs_are_left_alone() -> None:
     assert seen == [1] and dw5[1].weight_orig.grad is not None
 
 
+def test_a_hooked_or_pruned_squeeze_excitation_is_left_alone_and_still_learns() -> None:
+    model = build_model("v3_small", width_mult=0.5).train()
+    se = [m for m in model.modules() if type(m) is SqueezeExcitation]
+    seen = []
+    se[0].fc1.register_forward_hook(lambda *_: seen.append(1))
+    torch.nn.utils.prune.l1_unstructured(se[1].fc2, "weight", amount=0.5)
+    assert accel.convert(model, CPU, None)["se"] == len(se) - 2
+    before = se[1].fc2.weight_orig.detach().clone()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    F.cross_entropy(model(torch.randn(4, 3, 32, 32)), torch.tensor([0, 1, 2, 3])).backward()
+    opt.step()
+    assert seen == [1] and not torch.equal(se[1].fc2.weight_orig, before)  # the hook ran; the pruned weight trains
+
+
+def test_the_native_gradient_needs_channels_last() -> None:
+    nchw = accel.convert(build_model("v3_small", width_mult=0.5), CPU, None, channels_last=False)
+    assert nchw["depthwise_native"] == 0 and nchw["se"] > 0
+
+
 def test_under_cpu_bf16_autocast_the_slow_depthwise_convs_run_in_fp32() -> None:
     model = build_model("v3_small", width_mult=0.5).train().to(memory_format=torch.channels_last)
     counts = accel.convert(model, CPU, torch.bfloat16)
@@ -138,13 +157,19 @@ def test_under_cpu_bf16_autocast_the_slow_depthwise_convs_run_in_fp32() -> None:
     assert {m for m in depthwise if dtypes[m] == torch.float32} == set(kept)
     assert all(dtypes[m] == torch.bfloat16 for m in depthwise if m not in kept)
     assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in model.parameters())
+    # Validation (eval mode) runs them as the plain model does, like the final test's plain model.
+    dtypes.clear()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        model.eval()(x)
+    assert all(dtypes[m] == torch.bfloat16 for m in depthwise)
 
 
 def test_cpu_kernels_setting() -> None:
     gpu = torch.device("cuda")
-    assert accel.enabled("auto", CPU, compiled=False) and not accel.enabled("auto", CPU, compiled=True)
-    assert not accel.enabled("auto", gpu, compiled=False)
-    assert accel.enabled("on", gpu, compiled=True) and not accel.enabled("off", CPU, compiled=False)
+    assert accel.enabled("auto", CPU, compiled=False) and not accel.enabled("auto", gpu, compiled=False)
+    assert accel.enabled("on", gpu, compiled=False) and not accel.enabled("off", CPU, compiled=False)
+    # A compiled model takes the stock modules whatever the setting: the stand-ins are eager code.
+    assert not any(accel.enabled(s, CPU, compiled=True) for s in ("auto", "on", "off"))
     with pytest.raises(ValueError, match="auto, on, off"):
         accel.enabled("fast", CPU, compiled=False)
 

@@ -19,7 +19,7 @@ import torch
 pytest.importorskip("onnxruntime")
 onnx = pytest.importorskip("onnx")
 
-from mobilebench.checkpoint import CheckpointError, load_model, save_checkpoint  # noqa: E402
+from mobilebench.checkpoint import CheckpointError, load_checkpoint, load_model, save_checkpoint  # noqa: E402
 from mobilebench.cli import main  # noqa: E402
 from mobilebench.config import Config, QuantizeConfig  # noqa: E402
 from mobilebench.deploy.common import load_source  # noqa: E402
@@ -338,6 +338,20 @@ def test_latency_of_random_model_writes_json(tmp_path: Path) -> None:
 
 
 # --- errors ------------------------------------------------------------------------------------
+
+
+def test_unstructured_pruning_with_a_fine_tune_trains_the_pruned_v3_weights(ckpts: dict[str, Path], tmp_path: Path) -> None:
+    """The fine-tune converts to the CPU fast paths; the pruned (hooked) SE and depthwise convs must keep
+    their own forward, or their masked weights would never see a gradient."""
+    report = run_prune(config(ckpts["v3_small"], prune={"method": "l1_unstructured", "amount": 0.3, "finetune_epochs": 1,
+                                                        "finetune_steps": 2, "bn_calib_images": 0}), {}, tmp_path)
+    before = torch.load(ckpts["v3_small"], weights_only=True)["model"]
+    after = load_checkpoint(tmp_path / "pruned.pt")["model"]
+    for key in ("features.4.se.fc1.weight", "features.4.depthwise.conv.weight", "features.4.expand.conv.weight"):
+        kept = after[key] != 0
+        assert kept.float().mean() < 0.99  # pruned: zeros remain
+        assert not torch.allclose(after[key][kept], before[key][kept]), key  # and the kept weights trained
+    assert report["sparsity"]["conv_linear_weights"] == pytest.approx(0.3, abs=0.01)
 
 
 def test_errors_are_one_line(ckpts: dict[str, Path], tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
 """Training-speed stand-ins for plain modules: same parameters, same state-dict keys, same outputs.
 
-Each class subclasses the module it replaces, so `isinstance` checks, hooks and `state_dict` keep
-working; `mobilebench.accel.convert` decides once per module which stand-in (if any) it gets.
+Each class subclasses the module it replaces and holds the same parameters and buffers under the
+same names, so `isinstance` checks and `state_dict` keep working; `mobilebench.accel.convert`
+decides once per module which stand-in (if any) it gets, and swaps no module that carries hooks.
 Why each one pays, and by how much, is in docs/performance.md.
 """
 
@@ -130,10 +131,12 @@ class DepthwiseConv2d(nn.Conv2d):
     """A bias-free depthwise `nn.Conv2d` with up to two CPU training paths, chosen at conversion.
 
     `native_grad`: the weight gradient from the native C kernel (V3's 5x5 layers).
-    `fp32_autocast`: runs in fp32 under CPU autocast. oneDNN's bf16 backward of depthwise convs
+    `fp32_autocast`: trains in fp32 under CPU autocast. oneDNN's bf16 backward of depthwise convs
     other than 3x3 stride 1 is many times slower than its fp32 one on AVX512-BF16 CPUs, while dense
     and 3x3 stride-1 depthwise convs gain from bf16. The output is fp32; the BN and activation
-    after it stay fp32 under autocast, and the next conv casts back to bf16.
+    after it stay fp32 under autocast, and the next conv casts back to bf16. In eval mode (the
+    validation pass) it runs as the plain model does, so validation and the final test, which
+    uses a plain model, see the same numerics.
     """
 
     native_grad: bool = False
@@ -149,7 +152,7 @@ class DepthwiseConv2d(nn.Conv2d):
         return new.train(conv.training)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if self.fp32_autocast:
+        if self.fp32_autocast and self.training:
             with torch.autocast("cpu", enabled=False):
                 return self._conv(x.float())
         return self._conv(x)

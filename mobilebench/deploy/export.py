@@ -30,6 +30,7 @@ from mobilebench.deploy.common import (
 from mobilebench.deploy.onnx import batch_dim, export_onnx, onnx_runner, parity
 from mobilebench.errors import UserError
 from mobilebench.runtime import set_threads
+from mobilebench.validate import validate_export
 
 USAGE = "mobilebench export checkpoint=outputs/train/.../checkpoints/best.pt format=onnx"
 
@@ -67,6 +68,7 @@ def pt2_runner(path: Path) -> Callable[[torch.Tensor], np.ndarray]:
 def run_export(config: Config, run_dir: Path, use_checkpoint_data: bool = True) -> dict[str, Any]:
     """Export the checkpoint's plain model, check parity on test images, write export.json."""
     cfg = config.export
+    validate_export(cfg)  # the CLI checked it already; a direct caller gets the same one-line errors
     path = need_checkpoint(config, USAGE)
     threads = set_threads(cfg.threads or config.trainer.threads)
     source = load_source(path)

@@ -23,7 +23,6 @@ from mobilebench.errors import UserError
 from mobilebench.machine import cpu_flags
 
 CALIBRATION = {"minmax": "MinMax", "entropy": "Entropy", "percentile": "Percentile"}
-GROUPS = QUANTIZE_GROUPS
 POOLS = ("ReduceMean", "GlobalAveragePool")
 QDQ = ("QuantizeLinear", "DequantizeLinear")
 
@@ -68,7 +67,7 @@ def node_groups(graph: Any) -> dict[str, list[str]]:
                     found.append(user)
         return found
 
-    groups: dict[str, list[str]] = {g: [] for g in GROUPS}
+    groups: dict[str, list[str]] = {g: [] for g in QUANTIZE_GROUPS}
     convs = [n for n in graph.node if n.op_type == "Conv"]
     if convs:
         groups["stem"].append(convs[0].name)

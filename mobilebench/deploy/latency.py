@@ -21,6 +21,7 @@ from mobilebench.deploy.onnx import export_onnx, ort_run, ort_session
 from mobilebench.deploy.timing import summarize, time_interleaved
 from mobilebench.machine import machine_note
 from mobilebench.runtime import set_threads
+from mobilebench.validate import validate_bench
 
 LABELS = {"pytorch": "torch fp32", "onnx_fp32": "ort fp32", "onnx_int8": "ort int8"}  # short: the table must fit 80 columns
 
@@ -57,6 +58,7 @@ def build_runners(source: Source, config: Config, cfg: LatencyConfig, run_dir: P
 def run_latency(config: Config, run_dir: Path, use_checkpoint_data: bool = True) -> dict[str, Any]:
     """Time the plain model and its ONNX fp32 / int8 versions side by side; writes latency.json."""
     cfg: LatencyConfig = config.bench
+    validate_bench(config.bench)  # the CLI checked it already; a direct caller gets the same one-line errors
     threads = set_threads(cfg.threads or config.trainer.threads)
     source = load_source(config.checkpoint) if config.checkpoint else random_source(config)
     if source.mean is None and source.blob is not None:

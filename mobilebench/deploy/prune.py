@@ -45,6 +45,7 @@ from mobilebench.engine import StopFlag, TrainState, train_one_epoch
 from mobilebench.errors import UserError
 from mobilebench.loader import TensorLoader
 from mobilebench.runtime import set_threads
+from mobilebench.validate import validate_prune
 from mobilebench.trainer import build_trainer
 
 USAGE = "mobilebench prune checkpoint=outputs/train/.../checkpoints/best.pt method=channel amount=0.2"
@@ -273,6 +274,7 @@ def run_prune(config: Config, cfg_dict: dict[str, Any], run_dir: Path, use_check
     from mobilebench.checkpoint import save_checkpoint
 
     cfg = config.prune
+    validate_prune(cfg)  # the CLI checked it already; a direct caller gets the same one-line errors
     path = need_checkpoint(config, USAGE)
     threads = set_threads(cfg.threads or config.trainer.threads)
     accel.set_cpu_allocator(config.trainer.cpu_allocator)  # the fine-tune is training: same policy as `train`

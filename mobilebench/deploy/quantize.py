@@ -41,6 +41,7 @@ from mobilebench.deploy.timing import summarize, time_interleaved
 from mobilebench.errors import UserError
 from mobilebench.machine import machine_note
 from mobilebench.runtime import set_threads
+from mobilebench.validate import validate_quantize
 
 USAGE = "mobilebench quantize checkpoint=outputs/train/.../checkpoints/best.pt method=static"
 
@@ -66,6 +67,7 @@ def _speedups(latency: dict[str, dict[str, dict[str, float]]], before: str, afte
 def run_quantize(config: Config, run_dir: Path, use_checkpoint_data: bool = True) -> dict[str, Any]:
     """Quantize the checkpoint's plain model (static: onnxruntime int8; dynamic: torch) and report it."""
     cfg = config.quantize
+    validate_quantize(cfg)  # the CLI checked it already; a direct caller gets the same one-line errors
     path = need_checkpoint(config, USAGE)
     threads = set_threads(cfg.threads or config.trainer.threads)
     source = load_source(path)

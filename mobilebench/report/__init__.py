@@ -16,7 +16,7 @@ from pathlib import Path
 from mobilebench.errors import UserError
 from mobilebench.report.aggregate import check_data, group_runs, row_values
 from mobilebench.report.plots import write_plots
-from mobilebench.report.render import _plural, display_table, markdown_report, print_table, write_csv
+from mobilebench.report.render import plural, display_table, markdown_report, print_table, write_csv
 from mobilebench.report.runs import attach_deploy_reports, find_run_dirs, load_run
 
 # --- entry point -------------------------------------------------------------------------
@@ -45,7 +45,7 @@ def build_report(paths: Sequence[str], out: Path | None, allow_mixed_data: bool 
     except OSError as err:
         raise UserError(f"cannot write the report to {out}: {err.strerror or err}") from None
     if echo:
-        print_table(header, cells, title=f"MobileNet comparison ({_plural(len(runs), 'run')}) -> {out}")
+        print_table(header, cells, title=f"MobileNet comparison ({plural(len(runs), 'run')}) -> {out}")
     return out
 
 

@@ -12,14 +12,14 @@ from pathlib import Path
 from typing import Any
 
 from mobilebench.errors import UserError
-from mobilebench.models import MODEL_NAMES
-from mobilebench.report.runs import Run, _get, _shown_path
+from mobilebench.report.runs import Run, get_path, shown_path
 
 # Settings that change how fast or where a run goes, or where it writes, but not what it learns:
 # runs that differ only in these (and the seed) are repeats of one configuration.
 NOT_RECIPE = frozenset({
     "trainer.seed", "trainer.device", "trainer.precision", "trainer.compile", "trainer.threads",
     "trainer.progress", "trainer.log_every", "trainer.resume", "trainer.overwrite", "trainer.channels_last",
+    "trainer.cpu_allocator", "trainer.cpu_kernels",
     "data.root", "data.download", "data.num_workers", "data.cache_dir", "data.device_resident",
     "command", "checkpoint",
 })
@@ -65,9 +65,9 @@ def _merged(base: dict[str, Any], over: dict[str, Any]) -> dict[str, Any]:
 
 def dataset_id(run: Run) -> str:
     """Which images a run saw: the data set name, plus the folder for an image folder."""
-    name = _get(run.config, "data.name") or run.summary.get("data") or "?"
+    name = get_path(run.config, "data.name") or run.summary.get("data") or "?"
     if name == "imagefolder":
-        root = _get(run.config, "data.root")
+        root = get_path(run.config, "data.root")
         return f"imagefolder:{Path(str(root))}" if root else name  # Path() drops a trailing slash
     return str(name)
 
@@ -139,6 +139,8 @@ def _label(r: dict[str, Any], varying: list[str]) -> str:
 
 
 def _row_order(row: Row) -> tuple[Any, ...]:
+    from mobilebench.models import MODEL_NAMES  # imports torch: only once there are rows to sort
+
     rank = MODEL_NAMES.index(row.model) if row.model in MODEL_NAMES else len(MODEL_NAMES)
     return (rank, row.model, row.label, row.status != "completed", str(row.runs[0].dir))
 
@@ -197,13 +199,13 @@ def _model_args(run: Run) -> dict[str, Any] | None:
                     return dict(args)
             except (UserError, OSError, RuntimeError, ValueError):
                 pass
-    name = run.summary.get("model") or _get(run.config, "model.name")
+    name = run.summary.get("model") or get_path(run.config, "model.name")
     if not name:
         return None
     args: dict[str, Any] = {"name": name, "num_classes": _num_classes(run),
-                            "width_mult": run.summary.get("width_mult", _get(run.config, "model.width_mult") or 1.0),
-                            "stem": run.summary.get("stem", _get(run.config, "model.stem") or "cifar")}
-    hidden = _get(run.config, "model.hidden_channels")
+                            "width_mult": run.summary.get("width_mult", get_path(run.config, "model.width_mult") or 1.0),
+                            "stem": run.summary.get("stem", get_path(run.config, "model.stem") or "cifar")}
+    hidden = get_path(run.config, "model.hidden_channels")
     if hidden:
         args["hidden_channels"] = list(hidden)
     return args
@@ -211,7 +213,7 @@ def _model_args(run: Run) -> dict[str, Any] | None:
 
 def _num_classes(run: Run) -> int:
     for key in ("model.num_classes", "data.num_classes"):
-        value = _get(run.config, key)
+        value = get_path(run.config, key)
         if isinstance(value, int):
             return value
     return 100 if dataset_id(run) == "cifar100" else 10
@@ -220,7 +222,7 @@ def _num_classes(run: Run) -> int:
 def row_values(row: Row, macs_cache: dict[str, int | None]) -> dict[str, Any]:
     """The numbers of one row; accuracies in percent, time in minutes, None where unknown."""
     runs, s0 = row.runs, row.runs[0].summary
-    image_size = s0.get("image_size") or _get(row.runs[0].config, "data.image_size")
+    image_size = s0.get("image_size") or get_path(row.runs[0].config, "data.image_size")
     val = mean_std(best_val_so_far(r) for r in runs)
     test = mean_std(r.summary.get("test_acc") for r in runs)
     test_tta = mean_std(r.summary.get("test_acc_tta") for r in runs)
@@ -235,7 +237,7 @@ def row_values(row: Row, macs_cache: dict[str, int | None]) -> dict[str, Any]:
     if not isinstance(macs, int):  # a run killed before its first summary
         macs = macs_at(row.runs[0], image_size, macs_cache) if image_size else None
     macs_224 = macs_at(row.runs[0], 224, macs_cache)
-    epochs = s0.get("epochs", _get(row.runs[0].config, "trainer.epochs"))
+    epochs = s0.get("epochs", get_path(row.runs[0].config, "trainer.epochs"))
     done = [d for d in (r.summary.get("epochs_done", len(r.metrics)) for r in runs) if isinstance(d, int)]
     return {
         "model": row.model, "config": row.label, "status": row.status, "n": len(runs),
@@ -255,7 +257,7 @@ def row_values(row: Row, macs_cache: dict[str, int | None]) -> dict[str, Any]:
         "latency_ms_mean": latency[0], "int8_latency_ms_mean": int8_latency[0],
         "latency_batch": _joined(r.deploy.latency_batch for r in runs),
         "latency_backend": _joined(r.deploy.latency_backend for r in runs),
-        "run_dirs": ";".join(_shown_path(r.dir) for r in runs),
+        "run_dirs": ";".join(shown_path(r.dir) for r in runs),
     }
 
 

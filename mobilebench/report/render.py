@@ -10,7 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from mobilebench.report.aggregate import dataset_id
-from mobilebench.report.runs import Run, _get, _shown_path
+from mobilebench.report.runs import Run, get_path, shown_path
 
 # --- output ------------------------------------------------------------------------------
 
@@ -98,7 +98,7 @@ def shared_settings(runs: list[Run]) -> list[str]:
     """Facts every run agrees on, stated once above the table (data, subset, epochs, software)."""
     facts = []
     for label, get in (("data", dataset_id), ("train / val / test images", _split_sizes),
-                       ("epochs", lambda r: r.summary.get("epochs", _get(r.config, "trainer.epochs"))),
+                       ("epochs", lambda r: r.summary.get("epochs", get_path(r.config, "trainer.epochs"))),
                        ("batch", lambda r: r.summary.get("global_batch_size")),
                        ("precision", lambda r: r.summary.get("precision")),
                        ("threads", lambda r: r.summary.get("threads")),
@@ -119,7 +119,7 @@ def _split_sizes(run: Run) -> str | None:
 def markdown_report(header: list[str], cells: list[list[str]], runs: list[Run], values: list[dict[str, Any]],
                     plots: list[str], command: str) -> str:
     lines = ["# MobileNet comparison", "",
-             f"Generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `{command}` from {_plural(len(runs), 'run')}.", ""]
+             f"Generated {datetime.now().astimezone():%Y-%m-%d %H:%M %Z} by `{command}` from {plural(len(runs), 'run')}.", ""]
     facts = shared_settings(runs)
     if facts:
         lines += ["Shared by every run: " + "; ".join(facts) + ".", ""]
@@ -135,13 +135,13 @@ def markdown_report(header: list[str], cells: list[list[str]], runs: list[Run], 
     if any(r.deploy.sources for r in runs):
         lines += ["int8 accuracy (and its drop against fp32 on the same images) and latency (median per batch at "
                   "the smallest batch timed, see report.csv) come from: "
-                  + ", ".join(f"`{_shown_path(Path(s))}`" for r in runs for s in r.deploy.sources) + ".", ""]
+                  + ", ".join(f"`{shown_path(Path(s))}`" for r in runs for s in r.deploy.sources) + ".", ""]
     for name in plots:
         lines += [f"![{name}]({name})", ""]
     return "\n".join(lines)
 
 
-def _plural(n: int, word: str) -> str:
+def plural(n: int, word: str) -> str:
     return f"{n} {word}{'' if n == 1 else 's'}"
 
 

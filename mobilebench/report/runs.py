@@ -48,11 +48,11 @@ class Run:
 
     @property
     def model(self) -> str:
-        return str(self.summary.get("model") or _get(self.config, "model.name") or "?")
+        return str(self.summary.get("model") or get_path(self.config, "model.name") or "?")
 
     @property
     def seed(self) -> Any:
-        return self.summary.get("seed", _get(self.config, "trainer.seed"))
+        return self.summary.get("seed", get_path(self.config, "trainer.seed"))
 
 
 
@@ -276,7 +276,7 @@ def _int8_accuracy(blob: dict[str, Any]) -> float | None:
     return found
 
 
-def _get(config: dict[str, Any] | None, dotted: str) -> Any:
+def get_path(config: dict[str, Any] | None, dotted: str) -> Any:
     node: Any = config
     for part in dotted.split("."):
         if not isinstance(node, dict) or part not in node:
@@ -286,7 +286,7 @@ def _get(config: dict[str, Any] | None, dotted: str) -> Any:
 
 
 
-def _shown_path(path: Path) -> str:
+def shown_path(path: Path) -> str:
     """Relative to the working dir when below it, so a committed report names no home dirs."""
     try:
         return str(path.relative_to(Path.cwd().resolve()))
