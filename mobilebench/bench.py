@@ -41,8 +41,8 @@ from mobilebench.machine import cpu_has_native_bf16, device_name, load_average
 from mobilebench.optim import build_optimizer, scaled_lr
 from mobilebench.runfiles import write_json_atomic
 from mobilebench.runtime import resolve_compile, resolve_device, resolve_precision, seed_everything, set_threads
-from mobilebench.validate import validate_bench
 from mobilebench.trainer import Trainer, build_from_config, build_train_loader, build_trainer
+from mobilebench.validate import validate_bench
 
 log = logging.getLogger("mobilebench")
 

@@ -8,6 +8,7 @@ of its code can run. The resolved config is stored as a plain dict, which is wha
 
 from __future__ import annotations
 
+import logging
 import os
 import pickle
 import random
@@ -25,6 +26,8 @@ from mobilebench.errors import UserError
 if TYPE_CHECKING:
     from mobilebench.data import DataSplits
     from mobilebench.engine import Parts, TrainState
+
+log = logging.getLogger("mobilebench")
 
 FORMAT_VERSION = 1
 _CODE_SIGNS = ("GLOBAL", "allowlist", "call reduce")
@@ -68,9 +71,36 @@ def _fsync_dir(folder: Path) -> None:
         os.close(fd)
 
 
+EXPORTED = {".onnx": "an ONNX model", ".pte": "an ExecuTorch program", ".pt2": "a torch.export program"}
+
+
+def resolve_checkpoint(path: str | Path, prefer: tuple[str, ...] = ("best.pt", "last.pt")) -> Path:
+    """The .pt file `path` names, as users type it: a file, a run dir or its checkpoints/ dir.
+
+    A dir resolves to the first of `prefer` it holds (training resumes prefer last.pt), and the log
+    says which. A dir without checkpoints, an exported model or an empty file is one line naming it.
+    """
+    p = Path(path).expanduser()
+    if p.is_dir():
+        for name in prefer:
+            for candidate in (p / "checkpoints" / name, p / name):
+                if candidate.is_file():
+                    log.info("checkpoint %s is a run dir: using %s", path, candidate)
+                    return candidate
+        raise CheckpointError(f"{p} is a directory without checkpoints ({' or '.join(f'checkpoints/{n}' for n in prefer)}); "
+                              "pass a run dir that finished at least one epoch, or the .pt file itself")
+    if p.suffix in EXPORTED:
+        raise CheckpointError(f"{p} is {EXPORTED[p.suffix]}, not a training checkpoint; pass the .pt it was exported "
+                              "from (a run's checkpoints/best.pt) or its run dir")
+    if p.is_file() and p.stat().st_size == 0:
+        raise CheckpointError(f"checkpoint {p} is empty (0 bytes), likely cut off by a full disk or a kill; "
+                              "use another checkpoint, e.g. last.pt instead of best.pt")
+    return p
+
+
 def load_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") -> dict[str, Any]:
     """Load and check a mobilebench checkpoint; every failure is one CheckpointError line."""
-    path = Path(path)
+    path = resolve_checkpoint(path)
     if not path.is_file():
         raise CheckpointError(f"checkpoint {path} does not exist; pass checkpoint=PATH to a .pt file from a run's checkpoints/ dir")
     try:

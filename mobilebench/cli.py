@@ -176,11 +176,32 @@ def _task(cfg: Any) -> Any:
     cfg_dict = OmegaConf.to_container(cfg, resolve=True)
     task_overrides = list(hc.overrides.task)
     try:
-        return COMMANDS[config.command](config, cfg_dict, run_dir, multirun, task_overrides)
+        with _run_dir_lock(run_dir):
+            return COMMANDS[config.command](config, cfg_dict, run_dir, multirun, task_overrides)
     except UserError as err:
         fail(str(err))
     except KeyboardInterrupt:
         fail("interrupted", code=130)
+
+
+def _run_dir_lock(run_dir: Path) -> Any:
+    """One writer per run dir: the main rank holds its lock while the command runs (other ranks
+    of a torchrun / SLURM job write nothing there)."""
+    import contextlib
+
+    from mobilebench import runlock
+    from mobilebench.runtime import launched_rank
+
+    return runlock.holding(run_dir) if launched_rank() == 0 else contextlib.nullcontext()
+
+
+def _explicit_run_dir(overrides: list[str]) -> Path | None:
+    """The run dir named on the command line, if it is a plain path (no interpolation)."""
+    for o in overrides:
+        key, _, value = o.partition("=")
+        if key == "hydra.run.dir" and value and "${" not in value:
+            return Path(value)
+    return None
 
 
 def _optimising_sweeper() -> bool:
@@ -278,4 +299,18 @@ def main(argv: list[str] | None = None) -> None:
 
         overrides += torchrun_overrides()  # torchrun ranks share rank 0's run dir
     sys.argv = [sys.argv[0], *flags, *overrides]
-    hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()
+    import contextlib
+
+    from mobilebench.errors import UserError
+
+    run_dir = _explicit_run_dir(overrides) if not multirun and command != "summary" else None
+    with contextlib.ExitStack() as stack:
+        if run_dir is not None:
+            # Taken before Hydra starts, so a second command into a busy dir stops before Hydra
+            # writes its .hydra/ files and log there; _task takes the same lock again (a no-op
+            # then) for the run dirs Hydra names itself.
+            try:
+                stack.enter_context(_run_dir_lock(run_dir))
+            except UserError as err:
+                fail(str(err))
+        hydra.main(config_path=str(conf_dir()), config_name="config", version_base="1.3")(_task)()

@@ -8,7 +8,9 @@ those tensors (see `loader.py`), never per image in PIL.
 from __future__ import annotations
 
 import hashlib
+import logging
 import os
+import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,7 +21,9 @@ import torch.nn.functional as F
 from mobilebench.config import DataConfig
 from mobilebench.errors import UserError
 
-CACHE_VERSION = 1
+log = logging.getLogger("mobilebench")
+
+CACHE_VERSION = 2  # 2: the cache records its version and a checksum of its tensors
 
 
 class DataError(UserError):
@@ -188,20 +192,52 @@ def _cache_path(folder: Path, cfg: DataConfig) -> Path:
     return folder.parent / ".mobilebench_cache" / name
 
 
+def tensor_checksum(x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> str:
+    """SHA-256 over the decoded images, labels and class names: what a cache must still hold."""
+    digest = hashlib.sha256(x.contiguous().numpy().tobytes())
+    digest.update(y.contiguous().numpy().tobytes())
+    digest.update("\0".join(classes).encode())
+    return digest.hexdigest()
+
+
+def _read_cache(cache: Path, fingerprint: str) -> tuple[Split, list[str]] | None:
+    """The cached split when it is ours, whole and current; otherwise None, with one log line saying why."""
+    if not cache.is_file():
+        return None
+    getuid = getattr(os, "getuid", None)
+    owner = cache.stat().st_uid
+    why = None
+    if getuid is not None and owner != getuid():
+        why = f"written by another user (uid {owner})"
+    else:
+        try:
+            blob = torch.load(cache, map_location="cpu", weights_only=True)
+        except Exception:  # a stale or broken cache is rebuilt, never trusted
+            why = "unreadable (truncated or corrupt)"
+        else:
+            if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION:
+                why = "from another mobilebench version"
+            elif blob.get("fingerprint") != fingerprint:
+                why = "stale: images were added, removed or changed since it was written"
+            elif blob.get("checksum") != tensor_checksum(blob["x"], blob["y"], list(blob["classes"])):
+                why = "corrupt: its tensors do not match their checksum"
+            else:
+                return Split(blob["x"], blob["y"]), list(blob["classes"])
+    log.info("image cache %s is %s; decoding the images again", cache, why)
+    return None
+
+
 def _cached_folder(folder: Path, cfg: DataConfig) -> tuple[Split, list[str]]:
     samples, classes = _list_images(folder)
     fingerprint = _fingerprint(samples, cfg.image_size)
     cache = _cache_path(folder, cfg)
-    if cache.is_file():
-        try:
-            blob = torch.load(cache, map_location="cpu", weights_only=True)
-            if blob.get("fingerprint") == fingerprint:
-                return Split(blob["x"], blob["y"]), list(blob["classes"])
-        except Exception:  # a stale or broken cache is rebuilt, never trusted
-            pass
+    cached = _read_cache(cache, fingerprint)
+    if cached is not None:
+        return cached
     x = _decode_all([path for path, _ in samples], cfg.image_size)
     split = Split(x, torch.tensor([label for _, label in samples], dtype=torch.int64))
-    _write_cache(cache, {"fingerprint": fingerprint, "x": split.x, "y": split.y, "classes": classes})
+    _write_cache(cache, {"version": CACHE_VERSION, "fingerprint": fingerprint, "x": split.x, "y": split.y,
+                         "classes": classes, "checksum": tensor_checksum(split.x, split.y, classes)})
     return split, classes
 
 
@@ -234,14 +270,22 @@ def _decode_all(paths: list[str], size: int) -> torch.Tensor:
 
 
 def _write_cache(path: Path, blob: dict) -> None:
+    """Write via a temporary file of this process's own and a rename: processes decoding the same
+    folder at once each land a whole file, and the last rename wins."""
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save(blob, tmp)
-        os.replace(tmp, path)
+        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     except OSError:
-        # A read-only data dir only costs the next run a re-decode; say nothing.
-        pass
+        return  # a read-only data dir only costs the next run a re-decode
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(blob, f)
+        os.replace(tmp, path)
+    except OSError as err:
+        log.info("could not write the image cache %s (%s); the next run decodes again", path, err.strerror or err)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
 
 
 # --- synthetic -----------------------------------------------------------------------------

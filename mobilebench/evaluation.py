@@ -9,13 +9,22 @@ from typing import Any
 import torch
 
 from mobilebench.accel import set_cpu_allocator
-from mobilebench.checkpoint import checkpoint_data_config, load_model_and_checkpoint
+from mobilebench.checkpoint import (
+    checkpoint_data_config,
+    load_model_and_checkpoint,
+    resolve_checkpoint,
+)
 from mobilebench.config import Config, DataConfig
 from mobilebench.data import load_data
 from mobilebench.engine import EvalResult, evaluate_views
 from mobilebench.errors import UserError
 from mobilebench.loader import eval_batches
-from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precision, set_threads
+from mobilebench.runtime import (
+    PRECISION_DTYPES,
+    resolve_device,
+    resolve_precision,
+    set_threads,
+)
 
 
 def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> float:
@@ -26,21 +35,22 @@ def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> f
     set_cpu_allocator(cfg.trainer.cpu_allocator)
     device = resolve_device(cfg.trainer.device)
     amp_dtype = PRECISION_DTYPES[resolve_precision(cfg.trainer.precision, device)]
-    model, blob = load_model_and_checkpoint(cfg.checkpoint, device)  # a plain model: no training fast paths
+    checkpoint = str(resolve_checkpoint(cfg.checkpoint))
+    model, blob = load_model_and_checkpoint(checkpoint, device)  # a plain model: no training fast paths
     if cfg.trainer.channels_last:
         model = model.to(memory_format=torch.channels_last)
     data_cfg = checkpoint_data_config(blob) if use_checkpoint_data else cfg.data
     data = load_data(data_cfg)
     num_classes = blob["model_args"]["num_classes"]
     if data.num_classes != num_classes:
-        raise UserError(f"checkpoint {cfg.checkpoint} predicts {num_classes} classes but data {data_cfg.name} has {data.num_classes}; "
+        raise UserError(f"checkpoint {checkpoint} predicts {num_classes} classes but data {data_cfg.name} has {data.num_classes}; "
                         "pass the data the model was trained on")
     stats = blob.get("data", {})
     mean, std = stats.get("mean", data.mean), stats.get("std", data.std)  # the model's training normalisation
     resize = blob.get("config", {}).get("augment", {}).get("resize")
     batches = eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize)
     result, flipped = evaluate_views(model, batches, num_classes, device, amp_dtype, cfg.trainer.tta)
-    report = eval_report(cfg.checkpoint, blob, data_cfg, data.classes, result, cfg.trainer.tta, flipped)
+    report = eval_report(checkpoint, blob, data_cfg, data.classes, result, cfg.trainer.tta, flipped)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
     print_eval(report, result)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 from pathlib import Path
@@ -21,9 +22,23 @@ class RunFiles:
         self.best = run_dir / "checkpoints" / "best.pt"
 
     def append_metrics(self, row: dict[str, Any]) -> None:
-        if self.enabled:
-            with open(self.metrics, "a") as f:
-                f.write(json.dumps(row) + "\n")
+        """Append one JSON line, whole or not at all: a write cut short (a full disk, a file-size
+        limit) is truncated away again and reported as one line."""
+        if not self.enabled:
+            return
+        line = (json.dumps(row) + "\n").encode()
+        fd = os.open(self.metrics, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        size = os.fstat(fd).st_size
+        try:
+            if os.write(fd, line) != len(line):
+                raise OSError(28, "No space left on device")  # a short write: the disk filled mid-line
+        except OSError as err:
+            with contextlib.suppress(OSError):
+                os.ftruncate(fd, size)
+            raise UserError(f"cannot append to {self.metrics}: {err.strerror or err}; free disk space, then resume "
+                            f"with trainer.resume=auto hydra.run.dir={self.dir}") from None
+        finally:
+            os.close(fd)
 
     def truncate_metrics(self, epoch: int) -> None:
         """Keep the epochs a resumed checkpoint already has; drop later and interrupted lines."""

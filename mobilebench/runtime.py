@@ -105,6 +105,18 @@ def launched_size() -> int:
     return 1
 
 
+def launched_rank() -> int:
+    """This process's rank as its launcher set it (torchrun's RANK, a submitit/SLURM task's global
+    rank), before any process group exists; 0 for a single process."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    if os.environ.get("SUBMITIT_EXECUTOR"):
+        import submitit
+
+        return submitit.JobEnvironment().global_rank
+    return 0
+
+
 def dist_backend(device_name: str) -> str:
     """gloo on CPU; on CUDA machines nccl for CUDA tensors plus gloo for CPU ones (object broadcasts,
     a `trainer.device=cpu` run), so the group can be joined before the config picks the device."""

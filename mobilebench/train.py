@@ -19,13 +19,19 @@ from mobilebench.checkpoint import (
     inference_state_dict,
     load_checkpoint,
     load_weights,
+    resolve_checkpoint,
     restore,
     save_checkpoint,
 )
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
 from mobilebench.errors import UserError
-from mobilebench.loader import DataLoaderPath, TensorLoader, eval_batches, progressive_size
+from mobilebench.loader import (
+    DataLoaderPath,
+    TensorLoader,
+    eval_batches,
+    progressive_size,
+)
 from mobilebench.machine import cpu_name, device_name
 from mobilebench.progress import make_progress, print_time_report
 from mobilebench.runfiles import RunFiles, check_run_dir
@@ -39,7 +45,12 @@ from mobilebench.runtime import (
     shared_run_dir,
     world_reduce,
 )
-from mobilebench.trainer import build_from_config, build_train_loader, build_trainer, model_args
+from mobilebench.trainer import (
+    build_from_config,
+    build_train_loader,
+    build_trainer,
+    model_args,
+)
 
 log = logging.getLogger("mobilebench")
 
@@ -50,7 +61,7 @@ def resume_path(cfg: Config, files: RunFiles) -> Path | None:
         return None
     if r == "auto":
         return files.last if files.last.exists() else None
-    return Path(r)
+    return resolve_checkpoint(r, prefer=("last.pt",))  # a run dir resumes from where it stopped
 
 
 def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bool = False) -> float:

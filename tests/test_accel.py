@@ -267,11 +267,11 @@ def test_the_build_is_cached_and_can_be_turned_off(tmp_path: Path, monkeypatch: 
         pytest.fail("no C compiler to test the build with; this machine's image ships gcc")
     monkeypatch.setenv("MOBILEBENCH_CACHE", str(tmp_path))
     native._load(cc)
-    built = list((tmp_path / "native").glob("*.so"))
-    assert len(built) == 1
-    mtime = built[0].stat().st_mtime_ns
+    built = sorted((tmp_path / "native").glob("*"))
+    assert [p.suffix for p in built] == [".so", ".sha256"]  # the library and its recorded digest
+    mtimes = [p.stat().st_mtime_ns for p in built]
     native._load(cc)  # the second load reuses the library
-    assert [(p, p.stat().st_mtime_ns) for p in (tmp_path / "native").glob("*")] == [(built[0], mtime)]
+    assert sorted((tmp_path / "native").glob("*")) == built and [p.stat().st_mtime_ns for p in built] == mtimes
 
     monkeypatch.setenv(native.DISABLE_ENV, "0")
     native._library.cache_clear()

@@ -5,7 +5,11 @@ oneDNN's depthwise backward-weights is slow on V3's 5x5 layers at CIFAR sizes; t
 so `mobilebench.accel` uses it for 5x5 and up only (figures: docs/performance.md).
 
 The library is built on first use with the system C compiler (`$CC` or `cc`) into a per-user
-cache keyed by the source, the compiler, its flags and the CPU, and loaded with ctypes. No compiler,
+cache keyed by the source, the compiler, its flags and the CPU, and loaded with ctypes. Loading a
+library runs its code, and its name is predictable, so a cached build is loaded only from a dir and
+file owned by this user and writable by nobody else, and only when it matches the SHA-256 recorded
+beside it when it was built; otherwise it is rebuilt, into a fresh private dir when the cache dir
+itself is not private (the log says so once). No compiler,
 a failed build, or `MOBILEBENCH_NATIVE_KERNELS=0` leaves oneDNN's kernel in place
 (`unavailable_reason` says why). Work is split over images across `torch.get_num_threads()`
 threads; ctypes releases the GIL during each call.
@@ -13,6 +17,7 @@ threads; ctypes releases the GIL during each call.
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import functools
 import hashlib
@@ -50,30 +55,95 @@ def cache_dir() -> Path:
     return Path(root) / "native"
 
 
+def not_private(path: Path) -> str | None:
+    """None when `path` is owned by this user and writable by nobody else; otherwise why not.
+
+    A library this process loads runs its code in the training process, so a cached build is
+    trusted only where nobody but its owner could have put it (or a digest beside it) there.
+    """
+    getuid = getattr(os, "getuid", None)
+    st = path.stat()
+    if getuid is not None and st.st_uid != getuid():
+        return f"owned by uid {st.st_uid}, not by this user (uid {getuid()})"
+    if st.st_mode & 0o022:
+        return f"writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'group' if st.st_mode & 0o020 else 'others'}"
+    return None
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _digest_path(library: Path) -> Path:
+    return library.with_name(library.name + ".sha256")
+
+
+def _verified(library: Path) -> bool:
+    """A build of ours: the file and its recorded SHA-256 are private and agree."""
+    digest = _digest_path(library)
+    if not (library.is_file() and digest.is_file()) or not_private(library) or not_private(digest):
+        return False
+    return digest.read_text().strip() == _sha256(library)
+
+
 def _build(cc: list[str], flags: tuple[str, ...], out: Path) -> None:
-    out.parent.mkdir(parents=True, exist_ok=True)
-    # Build beside the target, then rename: concurrent ranks never load a half-written library.
-    fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
-    os.close(fd)
+    """Compile into `out` with its SHA-256 beside it; both land by rename, so concurrent ranks
+    never load a half-written library."""
+    temporary: list[str] = []
     try:
-        subprocess.run([*cc, *flags, str(SOURCE), "-o", tmp], check=True, capture_output=True, text=True,
+        fd, library = tempfile.mkstemp(suffix=".so", dir=out.parent)
+        os.close(fd)
+        temporary.append(library)
+        subprocess.run([*cc, *flags, str(SOURCE), "-o", library], check=True, capture_output=True, text=True,
                        timeout=120)
-        os.replace(tmp, out)
+        os.chmod(library, 0o700)
+        fd, digest = tempfile.mkstemp(suffix=".sha256", dir=out.parent)  # created 0600
+        temporary.append(digest)
+        with os.fdopen(fd, "w") as f:
+            f.write(_sha256(Path(library)) + "\n")
+        os.replace(library, out)
+        os.replace(digest, _digest_path(out))
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+        for path in temporary:
+            if os.path.exists(path):
+                os.unlink(path)
 
 
-def _load(cc: list[str]) -> ctypes.CDLL:
-    source_key = hashlib.sha256(SOURCE.read_bytes())
-    source_key.update(repr((cc, cpu_identity())).encode())
+def _build_dir() -> Path:
+    """The cache dir when it is private to this user; otherwise a fresh private dir (mode 0700)."""
+    root = cache_dir()
+    try:
+        root.mkdir(parents=True, exist_ok=True, mode=0o700)
+        reason = not_private(root)
+    except OSError as err:
+        reason = f"not usable ({err.strerror or err})"
+    if reason is None:
+        return root
+    private = Path(tempfile.mkdtemp(prefix="mobilebench-native-"))
+    atexit.register(shutil.rmtree, private, True)  # this process's own build; a loaded library needs no file
+    log.warning("native kernel cache %s is %s: its libraries are not trusted; building into %s instead",
+                root, reason, private)
+    return private
+
+
+FLAG_SETS = (_FLAGS + _HOST_FLAGS, _FLAGS)  # tried in order
+
+
+def library_name(cc: list[str], flags: tuple[str, ...]) -> str:
+    """The cached build's file name: keyed by the source, the compiler, its flags and the CPU."""
+    key = hashlib.sha256(SOURCE.read_bytes())
+    key.update(repr((cc, cpu_identity())).encode())
+    key.update(repr(flags).encode())
+    return f"depthwise_grad-{key.hexdigest()[:16]}.so"
+
+
+def _load(cc: list[str]) -> tuple[ctypes.CDLL, Path]:
     errors = []
-    for flags in (_FLAGS + _HOST_FLAGS, _FLAGS):
-        key = source_key.copy()
-        key.update(repr(flags).encode())
-        path = cache_dir() / f"depthwise_grad-{key.hexdigest()[:16]}.so"
+    root = _build_dir()
+    for flags in FLAG_SETS:
+        path = root / library_name(cc, flags)
         try:
-            if not path.exists():
+            if not _verified(path):  # absent, not private, or not the file we built: never loaded
                 _build(cc, flags, path)
             lib = ctypes.CDLL(str(path))
             break
@@ -85,22 +155,27 @@ def _load(cc: list[str]) -> ctypes.CDLL:
     fn = lib.depthwise_weight_grad
     fn.argtypes = [ctypes.c_void_p] * 3 + [ctypes.c_int64] * 10
     fn.restype = None
-    return lib
+    return lib, path
 
 
 @functools.cache
-def _library() -> tuple[ctypes.CDLL | None, str]:
+def _library() -> tuple[ctypes.CDLL | None, str, Path | None]:
     if os.environ.get(DISABLE_ENV, "1").strip().lower() in ("0", "false", "no", "off"):
-        return None, f"disabled by {DISABLE_ENV}"
+        return None, f"disabled by {DISABLE_ENV}", None
     cc = _compiler()
     if cc is None:
-        return None, "no C compiler found (set CC or install cc/gcc/clang)"
+        return None, "no C compiler found (set CC or install cc/gcc/clang)", None
     try:
-        lib = _load(cc)
+        lib, path = _load(cc)
     except OSError as e:
         log.info("native depthwise kernel not built, using oneDNN's: %s", e)
-        return None, f"build failed: {e}"
-    return lib, ""
+        return None, f"build failed: {e}", None
+    return lib, "", path
+
+
+def library_path() -> Path | None:
+    """The file the kernel was loaded from (None when it is not in use)."""
+    return _library()[2]
 
 
 def unavailable_reason() -> str:

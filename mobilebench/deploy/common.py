@@ -72,15 +72,19 @@ class Source:
 
 
 def need_checkpoint(config: Config, usage: str) -> str:
+    """The .pt file `checkpoint=` names (a run dir resolves to its best.pt, else last.pt)."""
+    from mobilebench.checkpoint import resolve_checkpoint
+
     if not config.checkpoint:
         raise UserError(f"this command needs a checkpoint: {usage}")
-    return str(config.checkpoint)
+    return str(resolve_checkpoint(config.checkpoint))
 
 
 def load_source(path: str) -> Source:
     """The checkpoint's model (EMA weights when kept) in eval mode on the CPU; one-line errors."""
-    from mobilebench.checkpoint import load_model_and_checkpoint
+    from mobilebench.checkpoint import load_model_and_checkpoint, resolve_checkpoint
 
+    path = str(resolve_checkpoint(path))
     model, blob = load_model_and_checkpoint(path, "cpu")
     stats = blob.get("data") or {}
     resize = (blob.get("config") or {}).get("augment", {}).get("resize")

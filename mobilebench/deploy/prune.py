@@ -45,8 +45,8 @@ from mobilebench.engine import StopFlag, TrainState, train_one_epoch
 from mobilebench.errors import UserError
 from mobilebench.loader import TensorLoader
 from mobilebench.runtime import set_threads
-from mobilebench.validate import validate_prune
 from mobilebench.trainer import build_trainer
+from mobilebench.validate import validate_prune
 
 USAGE = "mobilebench prune checkpoint=outputs/train/.../checkpoints/best.pt method=channel amount=0.2"
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from mobilebench.errors import UserError
 from mobilebench.report.aggregate import check_data, group_runs, row_values
 from mobilebench.report.plots import write_plots
-from mobilebench.report.render import plural, display_table, markdown_report, print_table, write_csv
+from mobilebench.report.render import display_table, markdown_report, plural, print_table, write_csv
 from mobilebench.report.runs import attach_deploy_reports, find_run_dirs, load_run
 
 # --- entry point -------------------------------------------------------------------------
