@@ -19,10 +19,10 @@ from mobilebench.accel.modules import DepthwiseConv2d, FusedSqueezeExcitation, I
 from mobilebench.checkpoint import load_checkpoint, load_model
 from mobilebench.models import MODEL_NAMES, SqueezeExcitation, build_model
 
+from . import legacy
 from .conftest import train_run
 
 CPU = torch.device("cpu")
-DATA = Path(__file__).parent / "data"
 
 
 def expected_swaps(model: nn.Module) -> dict[str, int]:
@@ -83,25 +83,17 @@ def test_converted_modules_share_the_plain_tensors_and_eval_matches() -> None:
         torch.testing.assert_close(model.eval()(x), reference(x), rtol=1e-5, atol=1e-6)
 
 
-@pytest.mark.parametrize("name", ["v3_small", "v2"])
-def test_a_checkpoint_saved_before_the_split_loads_with_the_same_logits(name: str) -> None:
-    expected = torch.load(DATA / "pre_refactor_expected.pt", weights_only=True)
+@pytest.mark.parametrize("name", MODEL_NAMES)
+def test_a_checkpoint_saved_before_the_split_loads_with_the_same_logits(name: str, tmp_path: Path) -> None:
+    """A checkpoint in the layout e2dd53f wrote (recorded in tests/data, weights from a seed) loads
+    into today's plain model and gives the logits that code gave."""
+    entry = legacy.fixture()["models"][name]
+    layout = [[k, list(v.shape), str(v.dtype)] for k, v in build_model(**entry["model_args"]).state_dict().items()]
+    assert layout == entry["layout"]  # same keys, order, shapes and dtypes as the old blocks
+    path = legacy.write_legacy_checkpoint(tmp_path / "old.pt", name)
     with torch.no_grad():
-        logits = load_model(DATA / f"pre_refactor_{name}.pt")(expected["input"])
-    torch.testing.assert_close(logits, expected["logits"][name], rtol=0, atol=1e-6)
-
-
-@pytest.mark.parametrize("name", ["v3_small", "v2"])
-def test_a_run_saved_before_the_split_resumes_as_it_did_then(name: str, tmp_path: Path) -> None:
-    """Resume the old epoch-1 checkpoint for a second epoch; the weights end where the old code's did."""
-    old = tmp_path / "old.pt"
-    old.write_bytes((DATA / f"pre_refactor_{name}.pt").read_bytes())
-    train_run(tmp_path / "run", f"model={name}", "model.width_mult=0.1", "trainer.epochs=2", f"trainer.resume={old}")
-    expected = torch.load(DATA / "pre_refactor_expected.pt", weights_only=True)
-    with torch.no_grad():
-        logits = load_model(tmp_path / "run" / "checkpoints" / "last.pt")(expected["input"])
-    assert max_rel(logits, expected["resumed_logits"][name]) <= 1e-4
-    assert load_checkpoint(tmp_path / "run" / "checkpoints" / "last.pt")["state"]["epoch"] == 2
+        logits = load_model(path)(legacy.legacy_input())
+    torch.testing.assert_close(logits, torch.tensor(entry["logits"]), rtol=0, atol=1e-6)
 
 
 def test_hooked_or_pruned_convs_are_left_alone() -> None:
