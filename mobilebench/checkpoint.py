@@ -9,7 +9,6 @@ of its code can run. The resolved config is stored as a plain dict, which is wha
 from __future__ import annotations
 
 import logging
-import os
 import pickle
 import random
 import zipfile
@@ -22,6 +21,7 @@ from torch import nn
 
 from mobilebench.config import DataConfig, section_from_dict
 from mobilebench.errors import UserError
+from mobilebench.runfiles import atomic_write
 
 if TYPE_CHECKING:
     from mobilebench.data import DataSplits
@@ -38,37 +38,12 @@ class CheckpointError(UserError):
 
 
 def save_checkpoint(payload: dict[str, Any], path: str | Path) -> None:
-    """Write via a temporary file, fsync, then rename: a crash mid-save leaves the old file intact."""
+    """Write with `runfiles.atomic_write` (fsynced): a crash mid-save leaves the old file intact."""
     path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp")
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save({"format_version": FORMAT_VERSION, **payload}, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        atomic_write(path, lambda f: torch.save({"format_version": FORMAT_VERSION, **payload}, f), fsync=True)
     except OSError as err:
-        tmp.unlink(missing_ok=True)
         raise CheckpointError(f"cannot write checkpoint {path}: {err.strerror or err}; free disk space or pick a writable hydra.run.dir") from None
-    except BaseException:
-        # Any other failure mid-write (a pickling error, a second Ctrl-C) must not leave a
-        # half-written temp file beside the intact checkpoint.
-        tmp.unlink(missing_ok=True)
-        raise
-
-
-def _fsync_dir(folder: Path) -> None:
-    # The rename itself must reach the disk too, or a power cut can undo it.
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
 
 
 EXPORTED = {".onnx": "an ONNX model", ".pte": "an ExecuTorch program", ".pt2": "a torch.export program"}

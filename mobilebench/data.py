@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
-import tempfile
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +19,7 @@ import torch.nn.functional as F
 
 from mobilebench.config import DataConfig
 from mobilebench.errors import UserError
+from mobilebench.runfiles import atomic_write, foreign_owner
 
 log = logging.getLogger("mobilebench")
 
@@ -194,35 +194,38 @@ def _cache_path(folder: Path, cfg: DataConfig) -> Path:
 
 def tensor_checksum(x: torch.Tensor, y: torch.Tensor, classes: list[str]) -> str:
     """SHA-256 over the decoded images, labels and class names: what a cache must still hold."""
-    digest = hashlib.sha256(x.contiguous().numpy().tobytes())
-    digest.update(y.contiguous().numpy().tobytes())
+    digest = hashlib.sha256(x.contiguous().numpy())  # hashes the tensor's own buffer, no copy
+    digest.update(y.contiguous().numpy())
     digest.update("\0".join(classes).encode())
     return digest.hexdigest()
+
+
+def _cache_problem(blob: object, fingerprint: str) -> str | None:
+    """Why a loaded cache cannot be used, or None when it is current and whole."""
+    if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION:
+        return "from another mobilebench version"
+    if blob.get("fingerprint") != fingerprint:
+        return "stale: images were added, removed or changed since it was written"
+    if blob.get("checksum") != tensor_checksum(blob["x"], blob["y"], list(blob["classes"])):
+        return "corrupt: its tensors do not match their checksum"
+    return None
 
 
 def _read_cache(cache: Path, fingerprint: str) -> tuple[Split, list[str]] | None:
     """The cached split when it is ours, whole and current; otherwise None, with one log line saying why."""
     if not cache.is_file():
         return None
-    getuid = getattr(os, "getuid", None)
-    owner = cache.stat().st_uid
-    why = None
-    if getuid is not None and owner != getuid():
+    blob, owner = None, foreign_owner(cache)
+    if owner is not None:
         why = f"written by another user (uid {owner})"
     else:
         try:
             blob = torch.load(cache, map_location="cpu", weights_only=True)
+            why = _cache_problem(blob, fingerprint)
         except Exception:  # a stale or broken cache is rebuilt, never trusted
             why = "unreadable (truncated or corrupt)"
-        else:
-            if not isinstance(blob, dict) or blob.get("version") != CACHE_VERSION:
-                why = "from another mobilebench version"
-            elif blob.get("fingerprint") != fingerprint:
-                why = "stale: images were added, removed or changed since it was written"
-            elif blob.get("checksum") != tensor_checksum(blob["x"], blob["y"], list(blob["classes"])):
-                why = "corrupt: its tensors do not match their checksum"
-            else:
-                return Split(blob["x"], blob["y"]), list(blob["classes"])
+    if why is None:
+        return Split(blob["x"], blob["y"]), list(blob["classes"])
     log.info("image cache %s is %s; decoding the images again", cache, why)
     return None
 
@@ -270,22 +273,11 @@ def _decode_all(paths: list[str], size: int) -> torch.Tensor:
 
 
 def _write_cache(path: Path, blob: dict) -> None:
-    """Write via a temporary file of this process's own and a rename: processes decoding the same
-    folder at once each land a whole file, and the last rename wins."""
+    """`atomic_write`: processes decoding the same folder at once each land a whole file."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    except OSError:
-        return  # a read-only data dir only costs the next run a re-decode
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(blob, f)
-        os.replace(tmp, path)
-    except OSError as err:
+        atomic_write(path, lambda f: torch.save(blob, f))
+    except OSError as err:  # a read-only data dir only costs the next run a re-decode
         log.info("could not write the image cache %s (%s); the next run decodes again", path, err.strerror or err)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # --- synthetic -----------------------------------------------------------------------------

@@ -1,12 +1,15 @@
-"""A run dir's files: metrics.jsonl, summary.json and checkpoints/, written atomically."""
+"""A run dir's files (metrics.jsonl, summary.json, checkpoints/) and the file-safety helpers every
+writer shares: whole-file replacement and "is this file someone else's?"."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import os
+import secrets
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 from mobilebench.errors import UserError
 
@@ -59,12 +62,53 @@ class RunFiles:
             return None
 
 
-def write_json_atomic(path: Path, obj: Any, text: str | None = None) -> None:
-    """Write `obj` as JSON (or `text` as is) via a temporary file and a rename: never half a file."""
-    tmp = path.with_name(f".{path.name}.tmp")
+def atomic_write(path: Path, write: Callable[[IO[bytes]], None], fsync: bool = False) -> None:
+    """Fill a temporary file beside `path` with `write`, then rename it over `path`.
+
+    Readers see the old file or the new one, never half of one; each call writes its own temporary
+    (created with the usual umask), so concurrent writers each land a whole file and the last
+    rename wins. On any failure the temporary is removed and the error propagates. `fsync` also
+    flushes the file and the rename to disk, so a power cut cannot undo either.
+    """
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
-        tmp.write_text(text if text is not None else json.dumps(obj, indent=2) + "\n")
+        with open(tmp, "xb") as f:
+            write(f)
+            if fsync:
+                f.flush()
+                os.fsync(f.fileno())
         os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if fsync:
+        _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def foreign_owner(path: Path) -> int | None:
+    """The uid owning `path` when it is not this process's user (None when it is ours, or off Unix)."""
+    getuid = getattr(os, "getuid", None)
+    owner = path.stat().st_uid
+    return owner if getuid is not None and owner != getuid() else None
+
+
+def write_json_atomic(path: Path, obj: Any, text: str | None = None) -> None:
+    """Write `obj` as JSON (or `text` as is) with `atomic_write`: never half a file."""
+    data = (text if text is not None else json.dumps(obj, indent=2) + "\n").encode()
+    try:
+        atomic_write(path, lambda f: f.write(data))
     except OSError as err:
         raise UserError(f"cannot write {path}: {err.strerror or err}; free disk space or pick a writable hydra.run.dir") from None
 

@@ -14,20 +14,17 @@ from pathlib import Path
 
 from mobilebench.errors import UserError
 
+try:
+    import fcntl
+except ImportError:  # not Unix: no OS lock to take, so no guarantee either
+    fcntl = None  # type: ignore[assignment]
+
 LOCK_NAME = ".lock"
 _held: dict[Path, int] = {}  # this process's locks: resolved run dir -> open file descriptor
 
 
 class RunDirBusy(UserError):
     """Another process holds the run dir's lock."""
-
-
-def _flock() -> tuple[object, int, int] | None:
-    try:
-        import fcntl
-    except ImportError:  # not Unix: no OS lock to take, so no guarantee either
-        return None
-    return fcntl, fcntl.LOCK_EX | fcntl.LOCK_NB, fcntl.LOCK_UN
 
 
 def holder(run_dir: Path) -> str:
@@ -44,15 +41,13 @@ def acquire(run_dir: Path) -> bool:
     Raises RunDirBusy, naming the dir and the holder's PID, when another process holds it: nothing
     in the dir is changed then (the lock file is opened, never truncated, unless the lock is ours).
     """
-    lock = _flock()
     key = run_dir.expanduser().resolve()
-    if lock is None or key in _held:
+    if fcntl is None or key in _held:
         return False
-    fcntl, exclusive, _ = lock
     key.mkdir(parents=True, exist_ok=True)
     fd = os.open(key / LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o644)
     try:
-        fcntl.flock(fd, exclusive)  # type: ignore[attr-defined]
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         os.close(fd)
         raise RunDirBusy(f"run dir {run_dir} is in use by PID {holder(key)} (another train, resume or prune "
@@ -68,9 +63,7 @@ def release(run_dir: Path) -> None:
     fd = _held.pop(run_dir.expanduser().resolve(), None)
     if fd is None:
         return
-    lock = _flock()
-    if lock is not None:
-        lock[0].flock(fd, lock[2])  # type: ignore[attr-defined]
+    fcntl.flock(fd, fcntl.LOCK_UN)
     os.close(fd)
 
 

@@ -27,27 +27,12 @@ from dataclasses import replace
 import torch
 
 from mobilebench import accel, engine
+from mobilebench.bench import Take, forever
 from mobilebench.config import AugmentConfig, Config, DataConfig, ModelConfig, OptimizerConfig, TrainerConfig
 from mobilebench.data import load_data
 from mobilebench.machine import cpu_name, load_average
 from mobilebench.models import build_model
 from mobilebench.trainer import build_train_loader, build_trainer, model_args
-
-
-class Take:
-    def __init__(self, source, n):  # noqa: ANN001
-        self.source, self.n = source, n
-
-    def __len__(self) -> int:
-        return self.n
-
-    def __iter__(self):  # noqa: ANN204
-        return itertools.islice(self.source, self.n)
-
-
-def forever(loader):  # noqa: ANN001, ANN201
-    while True:
-        yield from loader
 
 
 def variant_paths(model: str, precision: str) -> dict[str, tuple[set[str], str]]:

@@ -54,11 +54,14 @@ def _unhooked(*modules: nn.Module) -> bool:
     """Nothing else hooks into these modules: no hooks of any kind, no parametrization, and plain
     Parameters (`torch.nn.utils.prune` swaps a weight for a recomputed tensor and a pre-hook). A
     stand-in would run without them, so such modules keep their own forward."""
-    return not any(m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
-                   or parametrize.is_parametrized(m)
-                   or any(not isinstance(getattr(m, name, None), nn.Parameter) for name in ("weight", "bias")
-                          if hasattr(m, name) and getattr(m, name) is not None)
-                   for m in modules)
+    for m in modules:
+        if (m._forward_pre_hooks or m._forward_hooks or m._backward_pre_hooks or m._backward_hooks
+                or parametrize.is_parametrized(m)):
+            return False
+        tensors = (getattr(m, name, None) for name in ("weight", "bias"))
+        if any(t is not None and not isinstance(t, nn.Parameter) for t in tensors):
+            return False
+    return True
 
 
 def _plain_depthwise(conv: nn.Module) -> bool:

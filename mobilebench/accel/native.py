@@ -34,6 +34,7 @@ from pathlib import Path
 import torch
 
 from mobilebench.machine import cpu_identity
+from mobilebench.runfiles import foreign_owner
 
 log = logging.getLogger(__name__)
 
@@ -61,10 +62,10 @@ def not_private(path: Path) -> str | None:
     A library this process loads runs its code in the training process, so a cached build is
     trusted only where nobody but its owner could have put it (or a digest beside it) there.
     """
-    getuid = getattr(os, "getuid", None)
+    owner = foreign_owner(path)
+    if owner is not None:
+        return f"owned by uid {owner}, not by this user"
     st = path.stat()
-    if getuid is not None and st.st_uid != getuid():
-        return f"owned by uid {st.st_uid}, not by this user (uid {getuid()})"
     if st.st_mode & 0o022:
         return f"writable by {'group and others' if st.st_mode & 0o022 == 0o022 else 'group' if st.st_mode & 0o020 else 'others'}"
     return None

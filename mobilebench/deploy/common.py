@@ -72,12 +72,10 @@ class Source:
 
 
 def need_checkpoint(config: Config, usage: str) -> str:
-    """The .pt file `checkpoint=` names (a run dir resolves to its best.pt, else last.pt)."""
-    from mobilebench.checkpoint import resolve_checkpoint
-
+    """What `checkpoint=` says (a file or a run dir: `load_source` resolves it), or one line asking for it."""
     if not config.checkpoint:
         raise UserError(f"this command needs a checkpoint: {usage}")
-    return str(resolve_checkpoint(config.checkpoint))
+    return str(config.checkpoint)
 
 
 def load_source(path: str) -> Source:

@@ -84,7 +84,7 @@ def run_export(config: Config, run_dir: Path, use_checkpoint_data: bool = True) 
         check = parity(source.model, pt2_runner(out), inputs)
     passed = check.ok(cfg.atol, cfg.min_agreement)
     report = {
-        "checkpoint": path, "model": source.name, "model_args": source.model_args, "format": cfg.format,
+        "checkpoint": source.checkpoint, "model": source.name, "model_args": source.model_args, "format": cfg.format,
         "exporter": cfg.exporter if cfg.format == "onnx" else "torch.export", "file": str(out),
         "bytes": file_bytes(out), "export_s": round(export_s, 2), "input": source.input_spec(),
         "output": {"name": OUTPUT_NAME, "shape": ["batch", source.num_classes], "meaning": "logits (no softmax)"},

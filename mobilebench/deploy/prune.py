@@ -312,7 +312,7 @@ def run_prune(config: Config, cfg_dict: dict[str, Any], run_dir: Path, use_check
     out = run_dir / "pruned.pt"
     save_checkpoint(pruned_payload(source, model, args, cfg), out)
     report = {
-        "checkpoint": path, "pruned_checkpoint": str(out), "model": source.name, "method": cfg.method,
+        "checkpoint": source.checkpoint, "pruned_checkpoint": str(out), "model": source.name, "method": cfg.method,
         "amount": cfg.amount, "threads": threads, "test_images": len(test), "seconds": round(prune_s, 1),
         "before": before, "after_pruning": {"test_acc": pruned_acc, "test_acc_bn_recalibrated": recal_acc,
                           "bn_calib_images": cfg.bn_calib_images}, "after": after,

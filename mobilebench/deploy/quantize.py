@@ -73,7 +73,7 @@ def run_quantize(config: Config, run_dir: Path, use_checkpoint_data: bool = True
     source = load_source(path)
     data = source_data(source, config, use_checkpoint_data)
     test = take(data.test, cfg.test_images, seed=0)
-    common = {"checkpoint": path, "model": source.name, "model_args": source.model_args, "method": cfg.method,
+    common = {"checkpoint": source.checkpoint, "model": source.name, "model_args": source.model_args, "method": cfg.method,
               "test_images": len(test), "threads": threads, "input": source.input_spec(),
               "machine": machine_note()}
     if cfg.method == "dynamic":
