@@ -57,7 +57,9 @@ def test_a_second_writer_into_a_busy_run_dir_stops_and_changes_nothing(tmp_path:
     run_dir = tmp_path / "run"
     first = start_train(run_dir)
     try:
-        wait_for(lambda: metric_lines(run_dir) >= 1, what="the first run's first epoch")
+        # An epoch's metrics line is appended before its checkpoint is saved: wait for both.
+        wait_for(lambda: metric_lines(run_dir) >= 1 and (run_dir / "checkpoints" / "last.pt").exists(),
+                 what="the first run's first epoch and its checkpoint")
         os.kill(first.pid, signal.SIGSTOP)  # hold it still, lock held, so its files stand still
         before = snapshot(run_dir)
         for args in (["train", *SLOW_RUN, "trainer.resume=auto"],
