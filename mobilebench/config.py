@@ -27,7 +27,7 @@ CPU_ALLOCATORS = ("cache", "system")
 NAN_POLICIES = ("stop", "skip")
 TTA = ("none", "flip")
 CPU_KERNELS = ("auto", "on", "off")
-COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune")
+COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune", "predict")
 BENCH_MODES = ("train", "latency")
 LATENCY_BACKENDS = ("pytorch", "onnx_fp32", "onnx_int8")
 EXPORT_FORMATS = ("onnx", "pt2")
@@ -86,6 +86,11 @@ class AugmentConfig:
     min_size: Optional[int] = None
     ramp: float = 0.8
     size_step: int = 4  # sizes are rounded down to a multiple of this
+    # MixUp / CutMix on whole batches (mobilebench/mixing.py): Beta(alpha, alpha) weights, 0 disables.
+    # With both on, each mixed batch uses one of them, half the time each.
+    mixup_alpha: float = 0.0
+    cutmix_alpha: float = 0.0
+    mix_prob: float = 1.0  # chance that a batch is mixed
 
     def needs_dataloader(self) -> bool:
         """Whether a policy exists only per image (the torchvision DataLoader path), not batched."""
@@ -238,9 +243,19 @@ class PruneConfig:
 
 
 @dataclass
+class PredictConfig:
+    top_k: int = 5  # classes listed per image
+    batch_size: int = 64
+    threads: Optional[int] = None  # None: trainer.threads, else torch's default
+    table_rows: int = 50  # images shown in the terminal table; the files hold all of them
+
+
+@dataclass
 class Config:
     command: str = "train"
     checkpoint: Optional[str] = None
+    # `predict`: image files and/or folders (searched recursively); `inputs=a.png` is a one-item list.
+    inputs: Optional[list[str]] = None
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     augment: AugmentConfig = field(default_factory=AugmentConfig)
@@ -252,6 +267,7 @@ class Config:
     export: ExportConfig = field(default_factory=ExportConfig)
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
+    predict: PredictConfig = field(default_factory=PredictConfig)
 
 
 def section_from_dict(schema: type[T], values: Mapping[str, Any] | None) -> T:

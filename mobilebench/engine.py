@@ -159,8 +159,9 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
         with autocast(parts.device, parts.amp_dtype):
             logits = model(x)
             loss = parts.loss_fn(logits, y)
-        # One device sync per step for both numbers the loop needs on the host.
-        correct = (logits.argmax(1) == y).sum()
+        # One device sync per step for both numbers the loop needs on the host. Mixed (soft)
+        # targets count against their dominant label.
+        correct = (logits.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum()
         loss_value, correct_value = torch.stack([loss.detach().float(), correct.float()]).tolist()
         if not math.isfinite(loss_value):
             state.skipped_batches += 1

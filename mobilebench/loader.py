@@ -17,6 +17,7 @@ import torch.nn.functional as F
 
 from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
+from mobilebench.mixing import Mixer
 
 Batch = tuple[torch.Tensor, torch.Tensor]  # float [B, 3, H, W] normalized, int64 [B]
 
@@ -136,8 +137,10 @@ class TensorLoader:
 
     def __init__(self, split: Split, batch_size: int, aug: AugmentConfig, mean: list[float], std: list[float],
                  device: torch.device, gen: torch.Generator, channels_last: bool = True,
-                 shard: tuple[int, int] = (0, 1), store: torch.device | None = None) -> None:
+                 shard: tuple[int, int] = (0, 1), store: torch.device | None = None,
+                 mixer: Mixer | None = None) -> None:
         store = device if store is None else store
+        self.mixer = mixer
         # NHWC crop windows: a batch is one gather of whole pixel rows, and comes out channels_last
         # with no transposing copy.
         self.windows = crop_windows(split.x.permute(0, 2, 3, 1), aug.crop_padding, aug.flip, store)
@@ -166,6 +169,8 @@ class TensorLoader:
             if self.aug.cutout > 0:
                 x = cutout(x, self.aug.cutout, self.gen)
             x = normalize(x, self.planes, self.channels_last)
+            if self.mixer is not None:
+                x, y = self.mixer(x, y, self.gen)
             if self.image_size is not None:
                 x = resize_batch(x, self.image_size, self.channels_last)
             yield x, y
@@ -233,8 +238,8 @@ class DataLoaderPath:
 
     def __init__(self, split: Split, batch_size: int, aug: AugmentConfig, mean: list[float], std: list[float],
                  device: torch.device, gen: torch.Generator, num_workers: int, channels_last: bool = True,
-                 shard: tuple[int, int] = (0, 1)) -> None:
-        self.device, self.channels_last = device, channels_last
+                 shard: tuple[int, int] = (0, 1), mixer: Mixer | None = None) -> None:
+        self.device, self.channels_last, self.mixer, self.gen = device, channels_last, mixer, gen
         dataset = _PerImageDataset(split, per_image_transform(aug, mean, std, split.x.shape[-1]))
         sampler = None
         if shard[1] > 1:
@@ -259,4 +264,7 @@ class DataLoaderPath:
             x = x.to(self.device, non_blocking=True)
             if self.channels_last:
                 x = x.contiguous(memory_format=torch.channels_last)
-            yield x, y.to(self.device, non_blocking=True)
+            y = y.to(self.device, non_blocking=True)
+            if self.mixer is not None:
+                x, y = self.mixer(x, y, self.gen)
+            yield x, y

@@ -20,6 +20,7 @@ from mobilebench.config import Config, ModelConfig
 from mobilebench.data import DataSplits
 from mobilebench.errors import UserError
 from mobilebench.loader import DataLoaderPath, TensorLoader, free_memory, resident_device, window_bytes
+from mobilebench.mixing import Mixer
 from mobilebench.optim import build_optimizer, build_scheduler, scaled_lr, warmup_ema
 from mobilebench.runtime import PRECISION_DTYPES, World, resolve_compile, sync_batchnorm
 
@@ -67,7 +68,8 @@ def build_train_loader(cfg: Config, data: DataSplits, device: torch.device, gen:
                        world: World = World()) -> TensorLoader | DataLoaderPath:
     """The in-memory tensor loader, or torchvision's DataLoader for per-image policies."""
     shared = (data.train, cfg.data.batch_size, cfg.augment, data.mean, data.std, device, gen)
-    options = {"channels_last": cfg.trainer.channels_last, "shard": (world.rank, world.size)}
+    options = {"channels_last": cfg.trainer.channels_last, "shard": (world.rank, world.size),
+               "mixer": Mixer.from_config(cfg.augment, data.num_classes)}
     if cfg.augment.needs_dataloader():
         return DataLoaderPath(*shared, num_workers=cfg.data.num_workers, **options)
     nbytes = window_bytes(data.train, cfg.augment)

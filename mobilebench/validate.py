@@ -33,6 +33,7 @@ from mobilebench.config import (
     Config,
     ConfigError,
     ExportConfig,
+    PredictConfig,
     PruneConfig,
     QuantizeConfig,
 )
@@ -84,6 +85,10 @@ def validate(cfg: Config) -> None:
     _at_least("augment.resize", a.resize, 8)
     _at_least("augment.min_size", a.min_size, 8)
     _at_least("augment.size_step", a.size_step, 1, allow_none=False)
+    _at_least("augment.mixup_alpha", a.mixup_alpha, 0.0, allow_none=False)
+    _at_least("augment.cutmix_alpha", a.cutmix_alpha, 0.0, allow_none=False)
+    if not 0.0 <= a.mix_prob <= 1.0:
+        raise ConfigError(f"augment.mix_prob={a.mix_prob} must be a probability in [0, 1]")
     if not 0.0 <= a.ramp <= 1.0:
         raise ConfigError(f"augment.ramp={a.ramp} must be a fraction of the epochs in [0, 1]")
     if a.min_size is not None and a.min_size > d.image_size:
@@ -127,6 +132,7 @@ def validate(cfg: Config) -> None:
     validate_export(cfg.export)
     validate_quantize(cfg.quantize)
     validate_prune(cfg.prune)
+    validate_predict(cfg.predict)
 
 
 def validate_bench(b: BenchConfig) -> None:
@@ -188,3 +194,10 @@ def validate_prune(p: PruneConfig) -> None:
     _at_least("prune.test_images", p.test_images, 1)
     _at_least("prune.weight_decay", p.weight_decay, 0.0, allow_none=False)
     _at_least("prune.threads", p.threads, 1)
+
+
+def validate_predict(p: PredictConfig) -> None:
+    for key in ("top_k", "batch_size"):
+        _at_least(f"predict.{key}", getattr(p, key), 1, allow_none=False)
+    _at_least("predict.table_rows", p.table_rows, 0, allow_none=False)
+    _at_least("predict.threads", p.threads, 1)
