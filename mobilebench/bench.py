@@ -33,7 +33,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from mobilebench import accel, engine
+from mobilebench import accel, engine, pictures
 from mobilebench.config import BenchConfig, Config
 from mobilebench.data import DataSplits, Split, load_data
 from mobilebench.errors import UserError
@@ -310,6 +310,7 @@ def run_bench_train(config: Config, run_dir: Path) -> dict[str, Any]:
     }
     run_dir.mkdir(parents=True, exist_ok=True)
     write_json_atomic(run_dir / settings.json, result)
+    pictures.draw(run_dir / "bench.png", pictures.bench, result)
     print_table(result)
     return result
 

@@ -243,6 +243,26 @@ class PruneConfig:
 
 
 @dataclass
+class TensorBoardConfig:
+    log_dir: str = "tensorboard"  # relative to the run dir
+
+
+@dataclass
+class MlflowConfig:
+    tracking_uri: Optional[str] = None  # None: sqlite:///<working dir>/outputs/mlflow.db (printed at the start)
+    experiment_name: str = "mobilebench"
+    run_name: Optional[str] = None  # None: the run dir's path under outputs/
+
+
+@dataclass
+class LoggerConfig:
+    """`logger=tensorboard`, `logger=mlflow` or `logger=[tensorboard,mlflow]`; a section left None is off."""
+
+    tensorboard: Optional[TensorBoardConfig] = None
+    mlflow: Optional[MlflowConfig] = None
+
+
+@dataclass
 class PredictConfig:
     top_k: int = 5  # classes listed per image
     batch_size: int = 64
@@ -268,6 +288,7 @@ class Config:
     quantize: QuantizeConfig = field(default_factory=QuantizeConfig)
     prune: PruneConfig = field(default_factory=PruneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
 
 
 def section_from_dict(schema: type[T], values: Mapping[str, Any] | None) -> T:

@@ -191,7 +191,8 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
         sums["data_s"] += t_data
         state.step_in_epoch = i + 1
         state.epoch_sums = sums
-        progress({"loss": sums["loss"] / sums["images"], "acc": sums["correct"] / sums["images"],
+        progress({"step": state.step, "step_in_epoch": i + 1, "loss": sums["loss"] / sums["images"],
+                  "acc": sums["correct"] / sums["images"],
                   "lr": opt.param_groups[0]["lr"], "images": sums["images"],
                   "seconds": sums["seconds"] + time.perf_counter() - t_epoch})
         if i + 1 < len(batches):  # type: ignore[arg-type]
@@ -288,7 +289,7 @@ def fit(parts: Parts, state: TrainState, epochs: int, hooks: FitHooks) -> TrainS
             if is_best:
                 state.best_val_acc = val.acc
             hooks.log_epoch({
-                "epoch": state.epoch, "lr": parts.optimizer.param_groups[0]["lr"],
+                "epoch": state.epoch, "step": state.step, "lr": parts.optimizer.param_groups[0]["lr"],
                 "train_loss": stats.loss, "train_acc": stats.acc,
                 "val_loss": val.loss if val else None, "val_acc": val.acc if val else None,
                 "val_top5": val.top5 if val else None,

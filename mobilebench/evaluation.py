@@ -1,8 +1,8 @@
-"""`mobilebench eval`: top-1, top-5, per-class accuracy and the confusion matrix of a checkpoint."""
+"""`mobilebench eval`: top-1, top-5, per-class accuracy and the confusion matrix of a checkpoint
+(eval.json, confusion.png, per_class.png)."""
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
@@ -14,11 +14,12 @@ from mobilebench.checkpoint import (
     load_model_and_checkpoint,
     resolve_checkpoint,
 )
-from mobilebench.config import Config, DataConfig
+from mobilebench.config import Config
 from mobilebench.data import load_data
 from mobilebench.engine import EvalResult, evaluate_views
 from mobilebench.errors import UserError
 from mobilebench.loader import eval_batches
+from mobilebench.results import eval_report, write_eval_files
 from mobilebench.runtime import (
     PRECISION_DTYPES,
     resolve_device,
@@ -51,23 +52,9 @@ def run_eval(cfg: Config, run_dir: Path, use_checkpoint_data: bool = False) -> f
     batches = eval_batches(data.test, data_cfg.batch_size * 2, mean, std, device, cfg.trainer.channels_last, resize)
     result, flipped = evaluate_views(model, batches, num_classes, device, amp_dtype, cfg.trainer.tta)
     report = eval_report(checkpoint, blob, data_cfg, data.classes, result, cfg.trainer.tta, flipped)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    (run_dir / "eval.json").write_text(json.dumps(report, indent=2) + "\n")
+    write_eval_files(run_dir, report)
     print_eval(report, result)
     return result.acc
-
-
-def eval_report(checkpoint: str, blob: dict[str, Any], data_cfg: DataConfig, classes: list[str], result: EvalResult,
-                tta: str, flipped: EvalResult | None) -> dict[str, Any]:
-    """eval.json: the same keys whether or not TTA ran (its figures are null without it), like summary.json."""
-    return {
-        "checkpoint": str(checkpoint), "model": blob["model_args"]["name"], "model_args": blob["model_args"],
-        "data": data_cfg.name, "data_root": data_cfg.root, "split": "test", "images": result.images,
-        "test_acc": result.acc, "test_top5": result.top5, "test_loss": result.loss, "tta": tta,
-        "test_acc_tta": flipped.acc if flipped else None, "test_top5_tta": flipped.top5 if flipped else None,
-        "per_class_acc": dict(zip(classes, result.per_class_acc)), "classes": classes,
-        "confusion": result.confusion.tolist(),
-    }
 
 
 def print_eval(report: dict[str, Any], result: EvalResult) -> None:

@@ -5,15 +5,17 @@ Reads top to bottom: run dir, device, data, trainer, resume, fit, final test, su
 
 from __future__ import annotations
 
+import json
 import logging
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
 from torch import nn
 
-from mobilebench import accel, engine
+from mobilebench import accel, engine, pictures, tracking
 from mobilebench.checkpoint import (
     checkpoint_payload,
     inference_state_dict,
@@ -34,6 +36,7 @@ from mobilebench.loader import (
 )
 from mobilebench.machine import cpu_name, device_name
 from mobilebench.progress import make_progress, print_time_report
+from mobilebench.results import eval_report, write_eval_files
 from mobilebench.runfiles import RunFiles, check_run_dir
 from mobilebench.runtime import (
     World,
@@ -72,6 +75,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     files = RunFiles(run_dir, world.is_main)
     if world.is_main:
         check_run_dir(files, t.overwrite, t.resume)
+        tracking.require_libraries(cfg.logger)  # before any work: a missing extra is one line
     set_threads(t.threads)
     accel.set_cpu_allocator(t.cpu_allocator)
     device = resolve_device(t.device, world)
@@ -104,6 +108,9 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
 
     summary = start_summary(cfg, raw, data, device, precision, world, trainer.fast_paths)
     files.write_summary(summary)
+    trackers = tracking.open_trackers(cfg.logger, run_dir, state.step if ckpt is not None else None, t.log_every,
+                                      world.is_main)
+    trackers.start(cfg_dict, ckpt is not None)
     log.info("%s (%s params, %.1fM MACs at %dpx) on %s, %s, %d train / %d val / %d test images, global batch %d x %d = %d",
              cfg.model.name, f"{summary['params']:,}", summary["macs"] / 1e6, summary["image_size"], summary["device"],
              precision, len(data.train), len(data.val), len(data.test), cfg.data.batch_size, world.size,
@@ -140,6 +147,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
             row.update(world_reduce({"train_images_per_s": row["train_images_per_s"]}, world, device, op="sum"))
         row["train_image_size"] = train_size(row["epoch"] - 1)
         files.append_metrics(row)
+        trackers.epoch(row)
         add_epoch(totals, row)
         if world.is_main:
             val = f"val_loss {row['val_loss']:.4f} val_acc {row['val_acc']:.4f} " if row["val_acc"] is not None else ""
@@ -152,18 +160,28 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
             train_loader.image_size = train_size(epoch)
         return train_loader
 
-    hooks = engine.FitHooks(
-        epoch_batches=epoch_batches, validate=validate, save=save, log_epoch=log_epoch,
-        progress=make_progress(t, world, len(train_loader), multirun),
-        capture_gen=gen.get_state, restore_gen=gen.set_state)
+    show = make_progress(t, world, len(train_loader), multirun)
+
+    def progress(epoch: int) -> Callable[[dict[str, float]], None]:
+        update = show(epoch)
+
+        def step(info: dict[str, float]) -> None:
+            update(info)
+            trackers.step(info, steps_per_epoch)
+        return step
+
+    hooks = engine.FitHooks(epoch_batches=epoch_batches, validate=validate, save=save, log_epoch=log_epoch,
+                            progress=progress, capture_gen=gen.get_state, restore_gen=gen.set_state)
     try:
         state = engine.fit(parts, state, t.epochs, hooks)
     except engine.Interrupted as stop:
         files.write_summary({**summary, "status": "interrupted", "epochs_done": state.epoch})
+        trackers.finish("KILLED", cfg_dict, {}, run_pictures(files, cfg, summary))
         raise UserError(f"interrupted by {stop}; state saved to {files.last} (resume with trainer.resume=auto "
                         f"hydra.run.dir={run_dir})") from None
     except BaseException:
         files.write_summary({**summary, "status": "failed", "epochs_done": state.epoch})
+        trackers.finish("FAILED", cfg_dict, {}, run_pictures(files, cfg, summary))
         raise
 
     t_test = time.perf_counter()
@@ -183,12 +201,29 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     })
     files.write_summary(summary)
     if world.is_main:
+        report = eval_report(str(tested), {"model_args": args}, cfg.data, data.classes, test, t.tta, test_tta)
+        written = write_eval_files(run_dir, report) + run_pictures(files, cfg, summary)
+        trackers.finish("FINISHED", cfg_dict, summary, [files.summary, *written])
         print_time_report(summary)
     if world.size > 1:
         import torch.distributed as dist
 
         dist.destroy_process_group()
     return float(summary["best_val_acc"] if summary["best_val_acc"] is not None else test.acc)
+
+
+def run_pictures(files: RunFiles, cfg: Config, summary: dict[str, Any]) -> list[Path]:
+    """curves.png from metrics.jsonl (main rank; also for a stopped run, up to where it got)."""
+    if not files.enabled or not files.metrics.is_file():
+        return []
+    try:
+        rows = [json.loads(line) for line in files.metrics.read_text().splitlines() if line.strip()]
+        title = f"{cfg.model.name} on {cfg.data.name}: {summary['train_images']:,} training images, seed {cfg.trainer.seed}"
+        path = pictures.draw(files.dir / "curves.png", pictures.curves, rows, title, summary)
+    except Exception as err:  # a picture must never hide how the run ended
+        log.warning("curves.png not drawn: %s", err)
+        return []
+    return [path] if path is not None else []
 
 
 def start_summary(cfg: Config, raw: nn.Module, data: DataSplits, device: torch.device, precision: str, world: World,
