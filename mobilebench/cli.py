@@ -23,12 +23,13 @@ commands:
   export     ONNX / TorchScript       mobilebench export checkpoint=PATH format=onnx
   quantize   int8 model               mobilebench quantize checkpoint=PATH method=static
   prune      prune a model            mobilebench prune checkpoint=PATH method=channel amount=0.2
+  predict    classify your images     mobilebench predict checkpoint=PATH inputs=photos/ [predict.top_k=3]
   report     comparison table, plots  mobilebench report RUN_DIR... [--out DIR]
 
 Any config value can be overridden (model=v2 optimizer.lr=0.05); -m sweeps comma lists.
 Show the composed config with: mobilebench train --cfg job"""
 
-HYDRA_COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune")
+HYDRA_COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune", "predict")
 # Bare words after these commands that pick a mode (`bench train`, `export ... format=onnx`).
 SUBCOMMANDS = {"bench": ("train", "latency")}
 # Short forms the issue-facing commands accept: `format=onnx` means `export.format=onnx`.
@@ -106,6 +107,8 @@ def to_config(cfg: Any) -> Any:
     try:
         plain = OmegaConf.to_container(cfg, resolve=True)
         plain.pop("hydra", None)
+        if isinstance(plain.get("inputs"), str):  # `inputs=photo.png`: a list of one
+            plain["inputs"] = [plain["inputs"]]
         merged = OmegaConf.merge(OmegaConf.structured(Config), plain)
         config = OmegaConf.to_object(merged)
     except OmegaConfBaseException as err:
@@ -266,8 +269,18 @@ def _prune(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides
     return run_prune(config, cfg_dict, run_dir, use_checkpoint_data=not _data_overridden(overrides))
 
 
+def _predict(config: Any, cfg_dict: dict, run_dir: Path, multirun: bool, overrides: list[str]) -> int:
+    from mobilebench.predict import run_predict
+
+    failed = run_predict(config, run_dir)
+    if failed and not multirun:
+        raise SystemExit(1)  # the other inputs were predicted and written; say some were not
+    return failed
+
+
 COMMANDS: dict[str, Callable[..., Any]] = {"train": _train, "eval": _eval, "summary": _summary, "bench": _bench,
-                                           "export": _export, "quantize": _quantize, "prune": _prune}
+                                           "export": _export, "quantize": _quantize, "prune": _prune,
+                                           "predict": _predict}
 
 
 def main(argv: list[str] | None = None) -> None:

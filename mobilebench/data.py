@@ -244,7 +244,8 @@ def _cached_folder(folder: Path, cfg: DataConfig) -> tuple[Split, list[str]]:
     return split, classes
 
 
-def _decode_one(path: str, size: int) -> torch.Tensor:
+def decode_image(path: str, size: int) -> torch.Tensor:
+    """uint8 [3, size, size] RGB of any image PIL reads (any mode), as the imagefolder data decodes it."""
     # PIL, as torchvision's ImageFolder uses; torchvision.io's decoders are deprecated since 0.29.
     import numpy as np
     from PIL import Image
@@ -267,7 +268,7 @@ def _decode_all(paths: list[str], size: int) -> torch.Tensor:
     out = torch.empty((len(paths), 3, size, size), dtype=torch.uint8)
     # PIL releases the GIL while decoding, so threads overlap without worker processes.
     with ThreadPoolExecutor(max_workers=max(1, min(8, os.cpu_count() or 1))) as pool:
-        for i, img in enumerate(pool.map(lambda p: _decode_one(p, size), paths, chunksize=256)):
+        for i, img in enumerate(pool.map(lambda p: decode_image(p, size), paths, chunksize=256)):
             out[i] = img
     return out
 

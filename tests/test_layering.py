@@ -106,7 +106,7 @@ def test_the_package_keeps_its_layers() -> None:
 def test_the_commands_are_found() -> None:
     units = set(command_units(PACKAGE).values())
     assert units == {f"mobilebench.{m}" for m in ("train", "evaluation", "bench", "summary", "report", "deploy.export",
-                                                 "deploy.quantize", "deploy.prune", "deploy.latency")}
+                                                 "deploy.quantize", "deploy.prune", "deploy.latency", "predict")}
 
 
 def test_the_checker_catches_each_kind_of_break(tmp_path: Path) -> None:

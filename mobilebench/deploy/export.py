@@ -27,7 +27,7 @@ from mobilebench.deploy.common import (
     take,
     write_report,
 )
-from mobilebench.deploy.onnx import batch_dim, export_onnx, onnx_runner, parity
+from mobilebench.deploy.onnx import batch_dim, export_onnx, onnx_runner, parity, source_metadata
 from mobilebench.errors import UserError
 from mobilebench.runtime import set_threads
 from mobilebench.validate import validate_export
@@ -75,7 +75,8 @@ def run_export(config: Config, run_dir: Path, use_checkpoint_data: bool = True) 
     inputs = parity_inputs(source, config, cfg.parity_images, cfg.batch_size, use_checkpoint_data)
     t0 = time.perf_counter()
     if cfg.format == "onnx":
-        out = export_onnx(source.model, run_dir / "model.onnx", source.image_size, cfg.exporter, cfg.opset)
+        out = export_onnx(source.model, run_dir / "model.onnx", source.image_size, cfg.exporter, cfg.opset,
+                          metadata=source_metadata(source))  # what predict needs to run the file alone
         export_s = time.perf_counter() - t0
         check = parity(source.model, onnx_runner(out, threads), inputs)
     else:

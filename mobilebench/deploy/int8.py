@@ -18,7 +18,7 @@ import numpy as np
 
 from mobilebench.config import QUANTIZE_GROUPS, Config, QuantizeConfig
 from mobilebench.deploy.common import Source, batches, quiet, random_batch, require, source_data, take
-from mobilebench.deploy.onnx import ort_run, ort_session
+from mobilebench.deploy.onnx import copy_metadata, ort_run, ort_session
 from mobilebench.errors import UserError
 from mobilebench.machine import cpu_flags
 
@@ -247,5 +247,6 @@ def quantize_static(fp32: Path, out: Path, arrays: list[np.ndarray], cfg: Quanti
             raise UserError(f"static quantization failed: {str(err).strip().splitlines()[0]}") from None
         if cfg.rewrite:
             rewrites["folded_rescales"] = _checked_fold(out, arrays)
+    copy_metadata(fp32, out)  # class names and preprocessing travel with the int8 model too
     return {"exclude_groups": exclude_groups, "excluded_nodes": len(excluded), "reduce_range": reduce_range,
             "rewrites": rewrites, "op_types": cfg.op_types or "all onnxruntime supports"}

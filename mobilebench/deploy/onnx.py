@@ -1,8 +1,10 @@
-"""ONNX in and out: export with a dynamic batch axis, onnxruntime sessions, and the parity check
-every exported model must pass against PyTorch before a command declares it good."""
+"""ONNX in and out: export with a dynamic batch axis, onnxruntime sessions, the parity check
+every exported model must pass against PyTorch before a command declares it good, and the
+metadata (class names, preprocessing) that lets `mobilebench predict` run a model file on its own."""
 
 from __future__ import annotations
 
+import json
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,8 +23,12 @@ def batch_dim() -> dict[int, Any]:
     return {0: torch.export.Dim("batch", min=1, max=65536)}
 
 
-def export_onnx(model: nn.Module, path: Path, image_size: int, exporter: str = "dynamo", opset: int | None = None) -> Path:
-    """Write `model` as ONNX taking a normalised float NCHW batch of any size; returns `path`."""
+def export_onnx(model: nn.Module, path: Path, image_size: int, exporter: str = "dynamo", opset: int | None = None,
+                metadata: dict[str, str] | None = None) -> Path:
+    """Write `model` as ONNX taking a normalised float NCHW batch of any size; returns `path`.
+
+    `metadata` (see `source_metadata`) is stored in the file's metadata_props.
+    """
     require("onnx")
     example = torch.randn(2, 3, image_size, image_size)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -42,7 +48,82 @@ def export_onnx(model: nn.Module, path: Path, image_size: int, exporter: str = "
         raise
     except Exception as err:  # the exporters raise many types; the first line says what went wrong
         raise UserError(f"ONNX export ({exporter}) failed: {str(err).strip().splitlines()[0]}") from None
+    if metadata:
+        write_metadata(path, metadata)
     return path
+
+
+# --- metadata: what a model file needs to classify images without its checkpoint --------------
+
+META_PREFIX = "mobilebench."
+META_VERSION = 1
+META_FIELDS = ("classes", "mean", "std", "image_size", "resize")  # JSON-encoded; mobilebench.model is plain text
+PREPROCESS_NOTE = ("RGB; bilinear antialiased resize to image_size x image_size as uint8; (pixel / 255 - mean) / std; "
+                   "then, when resize is not null, bilinear antialiased resize to resize x resize; float32 NCHW; "
+                   "output: logits (no softmax), one per class in `classes` order")
+
+
+def source_metadata(source: Source) -> dict[str, str]:
+    """The metadata_props of a checkpoint's exported model: class names and the exact preprocessing.
+
+    image_size is the size images were decoded to in training (the checkpoint's data), resize the
+    on-batch resize eval applies after normalising (augment.resize), so predict can redo both.
+    """
+    blob = source.blob or {}
+    stats = blob.get("data") or {}
+    if not stats.get("classes") or source.mean is None or source.std is None:
+        return {}  # a random-weight model (bench latency) has no classes to record
+    values = {"classes": list(stats["classes"]), "mean": list(source.mean),
+              "std": list(source.std), "image_size": int(stats.get("image_size") or source.image_size),
+              "resize": ((blob.get("config") or {}).get("augment") or {}).get("resize")}
+    meta = {META_PREFIX + key: json.dumps(values[key]) for key in META_FIELDS}
+    meta[META_PREFIX + "model"] = source.name
+    meta[META_PREFIX + "metadata_version"] = str(META_VERSION)
+    meta[META_PREFIX + "preprocess"] = PREPROCESS_NOTE
+    if source.checkpoint:
+        meta[META_PREFIX + "checkpoint"] = Path(source.checkpoint).name  # the name only: no local paths in a deployed file
+    return meta
+
+
+def write_metadata(path: Path, metadata: dict[str, str]) -> None:
+    """Set `metadata` in the ONNX file's metadata_props (replacing keys of the same name), in place."""
+    onnx = require("onnx")
+    model = onnx.load(str(path))
+    kept = [(p.key, p.value) for p in model.metadata_props if p.key not in metadata]
+    del model.metadata_props[:]
+    for key, value in [*kept, *metadata.items()]:
+        model.metadata_props.add(key=key, value=value)
+    onnx.save(model, str(path))
+
+
+def read_file_metadata(path: Path) -> dict[str, str]:
+    """The mobilebench.* metadata_props of an ONNX file."""
+    model = require("onnx").load(str(path), load_external_data=False)
+    return {p.key: p.value for p in model.metadata_props if p.key.startswith(META_PREFIX)}
+
+
+def copy_metadata(source: Path, target: Path) -> None:
+    """Give `target` the mobilebench metadata of `source` (the int8 model carries its fp32 source's)."""
+    metadata = read_file_metadata(source)
+    if metadata:
+        write_metadata(target, metadata)
+
+
+def session_metadata(session: Any) -> dict[str, Any] | None:
+    """The decoded mobilebench metadata of a loaded model ({model, classes, mean, std, image_size,
+    resize}), or None when the file lacks it or it does not parse."""
+    props = session.get_modelmeta().custom_metadata_map
+    try:
+        values = {key: json.loads(props[META_PREFIX + key]) for key in META_FIELDS}
+        values["model"] = props[META_PREFIX + "model"]
+    except (KeyError, ValueError):
+        return None
+    classes, mean, std = values["classes"], values["mean"], values["std"]
+    ok = (isinstance(classes, list) and classes and all(isinstance(c, str) for c in classes)
+          and all(isinstance(v, list) and len(v) == 3 and all(isinstance(x, (int, float)) for x in v) for v in (mean, std))
+          and isinstance(values["image_size"], int) and values["image_size"] > 0
+          and (values["resize"] is None or isinstance(values["resize"], int) and values["resize"] > 0))
+    return values if ok else None
 
 
 def ort_session(path: str | Path, threads: int) -> Any:

@@ -36,7 +36,15 @@ from mobilebench.deploy.common import (
     write_report,
 )
 from mobilebench.deploy.int8 import calibration_arrays, conv_report, quantize_static, runtime_ops
-from mobilebench.deploy.onnx import export_onnx, onnx_runner, ort_accuracy, ort_run, ort_session, parity
+from mobilebench.deploy.onnx import (
+    export_onnx,
+    onnx_runner,
+    ort_accuracy,
+    ort_run,
+    ort_session,
+    parity,
+    source_metadata,
+)
 from mobilebench.deploy.timing import summarize, time_interleaved
 from mobilebench.errors import UserError
 from mobilebench.machine import machine_note
@@ -87,7 +95,8 @@ def run_quantize(config: Config, run_dir: Path, use_checkpoint_data: bool = True
 
 def _run_static(source: Source, config: Config, test: Any, cfg: QuantizeConfig, run_dir: Path, threads: int,
                 use_checkpoint_data: bool) -> dict[str, Any]:
-    fp32 = export_onnx(source.model, run_dir / "model.onnx", source.image_size, cfg.exporter)
+    fp32 = export_onnx(source.model, run_dir / "model.onnx", source.image_size, cfg.exporter,
+                       metadata=source_metadata(source))  # quantize_static copies it into the int8 model
     check = parity(source.model, onnx_runner(fp32, threads), [next(iter(batches(take(test, 64), source, 64)))])
     if check.max_abs_diff > 1e-3:
         raise UserError(f"the fp32 ONNX export differs from PyTorch by {check.max_abs_diff:.3g}; run `mobilebench export` to see the parity report")
