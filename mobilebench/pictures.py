@@ -92,7 +92,7 @@ def confusion(classes: Sequence[str], counts: Sequence[Sequence[int]], title: st
     if n <= 20:  # numbers stay legible up to about 20 classes
         for i, row in enumerate(rows):
             for j, value in enumerate(row):
-                if value >= 0.5:
+                if value >= 1:  # what rounds to 0 stays blank
                     ax.text(j, i, f"{value:.0f}", ha="center", va="center", fontsize=7,
                             color="white" if value > 60 else "black")
     return fig

@@ -90,6 +90,9 @@ class MLflow:
         _require("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
 
+        for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, migrations) interleave with ours
+            logging.getLogger(name).setLevel(logging.WARNING)
+
         self.uri = cfg.tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
         self.run_dir = run_dir

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import subprocess
@@ -43,13 +44,24 @@ def metrics(run_dir: Path) -> list[dict]:
 @pytest.mark.slow
 def test_two_gloo_ranks_train_like_one_process_with_the_same_global_batch(tmp_path: Path) -> None:
     run_dir = tmp_path / "ddp"
-    proc = torchrun(tmp_path, *RECIPE, f"data.batch_size={GLOBAL_BATCH // 2}", f"hydra.run.dir={run_dir}")
+    loggers = []
+    if importlib.util.find_spec("tensorboard") and importlib.util.find_spec("mlflow"):  # the track extra
+        loggers = ["logger=[tensorboard,mlflow]", f"logger.mlflow.tracking_uri=sqlite:///{tmp_path / 'store' / 'mlflow.db'}"]
+    proc = torchrun(tmp_path, *RECIPE, *loggers, f"data.batch_size={GLOBAL_BATCH // 2}", f"hydra.run.dir={run_dir}")
     assert proc.returncode == 0, proc.stderr[-3000:]
     single_dir = tmp_path / "single"
     train_run(single_dir, *RECIPE, f"data.batch_size={GLOBAL_BATCH}")
 
-    # One set of outputs, written by rank 0 only.
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"]
+    # One set of outputs, written by rank 0 only; the trackers too (one process, one MLflow run).
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ddp", "single"] + (["store"] if loggers else [])
+    if loggers:
+        from mlflow.tracking import MlflowClient
+
+        writers = {p.name.split(".")[-2] for p in (run_dir / "tensorboard").glob("events.out.tfevents.*")}
+        assert len(writers) == 1, writers  # the pid in each event file's name
+        client = MlflowClient(f"sqlite:///{tmp_path / 'store' / 'mlflow.db'}")
+        runs = client.search_runs([client.get_experiment_by_name("mobilebench").experiment_id])
+        assert len(runs) == 1 and runs[0].info.status == "FINISHED"
     assert sorted(p.name for p in (run_dir / "checkpoints").iterdir()) == ["best.pt", "last.pt"]
     out = proc.stdout + proc.stderr
     assert out.count("global batch 16 x 2 = 32") == 1, out[-3000:]
