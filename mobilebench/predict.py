@@ -1,9 +1,11 @@
-"""`mobilebench predict`: classify image files with a checkpoint or an exported ONNX model.
+"""`mobilebench predict`: classify image files with a checkpoint, an exported ONNX model or an
+ExecuTorch program.
 
 Images go through the training data's own decode (`data.decode_image`) and eval's own
 normalisation and resize (`loader.eval_batches`), so the class predicted for an image is the one
-`mobilebench eval` scores for it. An ONNX model from `mobilebench export` / `quantize` carries its
-class names and preprocessing in its metadata (`deploy.onnx.source_metadata`), so it runs alone.
+`mobilebench eval` scores for it. An ONNX model from `mobilebench export` / `quantize` and a `.pte`
+from `mobilebench export format=executorch` carry their class names and preprocessing
+(`deploy.onnx.source_metadata`; a `.pte` returns them from a constant method), so they run alone.
 """
 
 from __future__ import annotations
@@ -32,16 +34,17 @@ from mobilebench.runtime import PRECISION_DTYPES, resolve_device, resolve_precis
 from mobilebench.validate import validate_predict
 
 USAGE = "mobilebench predict checkpoint=outputs/train/.../checkpoints/best.pt inputs=photos/"
-TAKES = ("predict takes a training checkpoint (a .pt file or its run dir) or an ONNX model written by "
-         "mobilebench export / quantize (.onnx)")
+TAKES = ("predict takes a training checkpoint (a .pt file or its run dir), an ONNX model written by "
+         "mobilebench export / quantize (.onnx) or an ExecuTorch program written by mobilebench export (.pte)")
 REEXPORT = "re-export it with: mobilebench export checkpoint=RUN_DIR/checkpoints/best.pt format=onnx"
+REEXPORT_PTE = "re-export it with: mobilebench export checkpoint=RUN_DIR/checkpoints/best.pt format=executorch"
 
 
 @dataclass
 class Predictor:
     """A model ready to score normalised batches, plus what its images must look like."""
 
-    backend: str  # pytorch | onnxruntime
+    backend: str  # pytorch | onnxruntime | executorch
     checkpoint: str
     model: str
     classes: list[str]
@@ -72,7 +75,7 @@ def run_predict(config: Config, run_dir: Path) -> int:
     """Predict every input image, print a table, write predictions.csv/json; returns how many failed."""
     cfg = config.predict
     validate_predict(cfg)  # the CLI checked it already; a direct caller gets the same one-line errors
-    checkpoint = need_checkpoint(config, f"{USAGE} (a .pt, its run dir, or an exported .onnx)")
+    checkpoint = need_checkpoint(config, f"{USAGE} (a .pt, its run dir, or an exported .onnx / .pte)")
     paths = collect_inputs(config.inputs)  # before loading the model: a mistyped path fails at once
     threads = set_threads(cfg.threads or config.trainer.threads)
     predictor = open_predictor(checkpoint, config, threads)
@@ -138,7 +141,7 @@ def collect_inputs(inputs: list[str] | None) -> list[Path]:
 
 
 def open_predictor(checkpoint: str, config: Config, threads: int) -> Predictor:
-    """The backend the file calls for: a .pt or run dir runs in PyTorch, a .onnx in onnxruntime."""
+    """The backend the file calls for: a .pt or run dir runs in PyTorch, a .onnx in onnxruntime, a .pte in ExecuTorch."""
     path = Path(checkpoint).expanduser()
     if not path.exists():
         raise UserError(f"checkpoint {path} does not exist; {TAKES}")
@@ -146,6 +149,8 @@ def open_predictor(checkpoint: str, config: Config, threads: int) -> Predictor:
         return torch_predictor(path, config)
     if path.suffix == ".onnx":
         return onnx_predictor(path, threads)
+    if path.suffix == ".pte":
+        return pte_predictor(path, threads)
     what = EXPORTED.get(path.suffix, f"a {path.suffix} file" if path.suffix else "a file without a suffix")
     raise UserError(f"checkpoint {path} is {what}; {TAKES}")
 
@@ -169,9 +174,11 @@ def torch_predictor(path: Path, config: Config) -> Predictor:
     try:
         model, blob = load_model_and_checkpoint(resolved, device)
     except CheckpointError:
-        if resolved.is_file() and not zipfile.is_zipfile(resolved) and looks_like_onnx(resolved):
-            raise UserError(f"{resolved} is an ONNX model, not a training checkpoint; rename it to "
-                            f"{resolved.with_suffix('.onnx').name} and pass that") from None
+        if resolved.is_file() and not zipfile.is_zipfile(resolved):
+            for suffix, what, test in ((".pte", "an ExecuTorch program", looks_like_pte), (".onnx", "an ONNX model", looks_like_onnx)):
+                if test(resolved):
+                    raise UserError(f"{resolved} is {what}, not a training checkpoint; rename it to "
+                                    f"{resolved.with_suffix(suffix).name} and pass that") from None
         raise
     stats = blob.get("data") or {}
     if not stats.get("classes") or stats.get("mean") is None or stats.get("std") is None:
@@ -214,6 +221,36 @@ def onnx_predictor(path: Path, threads: int) -> Predictor:
         return torch.from_numpy(ort_run(session, x))
 
     return Predictor("onnxruntime", str(path), str(meta["model"]), meta["classes"], meta["mean"], meta["std"],
+                     meta["image_size"], meta["resize"], torch.device("cpu"), False, run)
+
+
+def looks_like_pte(path: Path) -> bool:
+    """True when `path` starts like an ExecuTorch program (flatbuffer identifier "ET" at bytes 4..6)."""
+    with open(path, "rb") as f:
+        return f.read(8)[4:6] == b"ET"
+
+
+def pte_predictor(path: Path, threads: int) -> Predictor:
+    """An ExecuTorch program run by executorch.runtime (XNNPACK), preprocessing as its metadata says."""
+    from mobilebench.deploy.executorch import pte_runner, read_pte_metadata, require_executorch
+
+    require_executorch()
+    if zipfile.is_zipfile(path):
+        raise UserError(f"{path} is a PyTorch file (a zip archive), not an ExecuTorch program; pass it as a .pt "
+                        f"checkpoint, or export it with: mobilebench export checkpoint={path.with_suffix('.pt')} format=executorch")
+    meta = read_pte_metadata(path)  # one line when the file is not a program
+    if meta is None:
+        raise UserError(f"{path} has no mobilebench metadata (class names, preprocessing), so predict cannot "
+                        f"know its classes or input; {REEXPORT_PTE}")
+    run_pte = pte_runner(path, threads)
+    side = meta["resize"] or meta["image_size"]
+
+    def run(x: torch.Tensor) -> torch.Tensor:
+        if tuple(x.shape[1:]) != (3, side, side):
+            raise UserError(f"{path}'s metadata says 3 x {side} x {side} images but got {tuple(x.shape[1:])}; {REEXPORT_PTE}")
+        return torch.from_numpy(run_pte(x))
+
+    return Predictor("executorch", str(path), str(meta["model"]), meta["classes"], meta["mean"], meta["std"],
                      meta["image_size"], meta["resize"], torch.device("cpu"), False, run)
 
 

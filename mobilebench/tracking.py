@@ -90,8 +90,10 @@ class MLflow:
         _require("mlflow", "mlflow")
         from mlflow.tracking import MlflowClient
 
-        for name in ("mlflow", "alembic"):  # their INFO lines (creating tables, migrations) interleave with ours
-            logging.getLogger(name).setLevel(logging.WARNING)
+        # mlflow's and alembic's own log lines (table creation, migrations, retries on a failing store)
+        # stay off the terminal: a problem reaches the user as Tracking's one warning line.
+        for name in ("mlflow", "alembic"):
+            logging.getLogger(name).disabled = True
 
         self.uri = cfg.tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)

@@ -143,8 +143,8 @@ def validate_bench(b: BenchConfig) -> None:
         _at_least(f"bench.{key}", getattr(b, key), 0, allow_none=False)
     _at_least("bench.baseline_threads", b.baseline_threads, 1)
     _at_least("bench.threads", b.threads, 1)
-    bad = [x for x in b.backends if x not in LATENCY_BACKENDS]
-    if bad or not b.backends:
+    bad = [x for x in b.backends or [] if x not in LATENCY_BACKENDS]
+    if bad or b.backends == []:
         raise ConfigError(f"bench.backends has unknown backend(s) {', '.join(bad) or '(none given)'}; "
                           f"choose from: {', '.join(LATENCY_BACKENDS)}")
     if not b.batch_sizes or min(b.batch_sizes) < 1:
@@ -155,11 +155,16 @@ def validate_bench(b: BenchConfig) -> None:
 def validate_export(e: ExportConfig) -> None:
     _choice("export.format", e.format, EXPORT_FORMATS)
     _choice("export.exporter", e.exporter, EXPORTERS)
+    if e.int8 and e.format != "executorch":
+        raise ConfigError(f"export.int8=true needs format=executorch (got format={e.format}); "
+                          "for an int8 ONNX model use: mobilebench quantize checkpoint=PATH method=static")
     _at_least("export.parity_images", e.parity_images, 1, allow_none=False)
     _at_least("export.batch_size", e.batch_size, 1, allow_none=False)
     _at_least("export.threads", e.threads, 1)
     if not 0.0 < e.min_agreement <= 1.0:
         raise ConfigError(f"export.min_agreement={e.min_agreement} must be in (0, 1]")
+    if not 0.0 < e.int8_min_agreement <= 1.0:
+        raise ConfigError(f"export.int8_min_agreement={e.int8_min_agreement} must be in (0, 1]")
     if e.atol <= 0:
         raise ConfigError(f"export.atol={e.atol} is out of range; it must be > 0")
 
@@ -174,6 +179,14 @@ def validate_quantize(q: QuantizeConfig) -> None:
     for key in ("calib_size", "calib_batch", "eval_batch", "repeats"):
         _at_least(f"quantize.{key}", getattr(q, key), 1, allow_none=False)
     _at_least("quantize.warmup", q.warmup, 0, allow_none=False)
+    _at_least("quantize.qat_epochs", q.qat_epochs, 1, allow_none=False)
+    _at_least("quantize.qat_batch", q.qat_batch, 1, allow_none=False)
+    _at_least("quantize.qat_steps", q.qat_steps, 1)
+    if q.qat_lr <= 0:
+        raise ConfigError(f"quantize.qat_lr={q.qat_lr} is out of range; it must be > 0")
+    for key in ("qat_freeze_observers", "qat_freeze_bn"):
+        if not 0.0 <= getattr(q, key) <= 1.0:
+            raise ConfigError(f"quantize.{key}={getattr(q, key)} must be a fraction of the QAT steps in [0, 1]")
     _at_least("quantize.test_images", q.test_images, 1)
     _at_least("quantize.threads", q.threads, 1)
     if not q.latency_batches or min(q.latency_batches) < 1:

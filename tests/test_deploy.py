@@ -325,7 +325,7 @@ def test_l1_unstructured_is_permanent(ckpts: dict[str, Path], tmp_path: Path) ->
 
 def test_latency_of_random_model_writes_json(tmp_path: Path) -> None:
     cfg = config(None, bench={"mode": "latency", "batch_sizes": [1, 4], "repeats": 3, "warmup": 1, "threads": 1,
-                              "calib_size": 8, **FAST})
+                              "calib_size": 8, "backends": ["pytorch", "onnx_fp32", "onnx_int8"], **FAST})
     cfg.model.name, cfg.model.width_mult = "v2", 0.25
     report = run_latency(cfg, tmp_path)
     saved = json.loads((tmp_path / "latency.json").read_text())

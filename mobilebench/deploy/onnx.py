@@ -112,7 +112,11 @@ def copy_metadata(source: Path, target: Path) -> None:
 def session_metadata(session: Any) -> dict[str, Any] | None:
     """The decoded mobilebench metadata of a loaded model ({model, classes, mean, std, image_size,
     resize}), or None when the file lacks it or it does not parse."""
-    props = session.get_modelmeta().custom_metadata_map
+    return decode_metadata(session.get_modelmeta().custom_metadata_map)
+
+
+def decode_metadata(props: dict[str, str]) -> dict[str, Any] | None:
+    """`source_metadata`'s key/value strings decoded and checked (any model file format), or None."""
     try:
         values = {key: json.loads(props[META_PREFIX + key]) for key in META_FIELDS}
         values["model"] = props[META_PREFIX + "model"]

@@ -7,11 +7,16 @@ each DequantizeLinear -> Conv -> QuantizeLinear into a QLinearConv at load time.
 `method=dynamic` runs the tutorial's `torch.ao.quantization.quantize_dynamic(model, {nn.Linear,
 nn.Conv2d})` and reports what it actually did: dynamic quantization has no Conv2d kernel, so only
 the Linear layers change.
+
+`method=qat` fine-tunes the model with fake-quantization (torchao's PT2E QAT flow, deploy/qat.py)
+and lowers the int8 result to an ExecuTorch program (XNNPACK), next to a post-training int8 one
+calibrated the usual way, so the report shows what the fine-tune bought.
 """
 
 from __future__ import annotations
 
 import copy
+import time
 import warnings
 from pathlib import Path
 from typing import Any
@@ -20,6 +25,7 @@ import torch
 from torch import nn
 
 from mobilebench.config import Config, QuantizeConfig
+from mobilebench.deploy import qat
 from mobilebench.deploy.common import (
     Source,
     batches,
@@ -35,6 +41,7 @@ from mobilebench.deploy.common import (
     torch_accuracy,
     write_report,
 )
+from mobilebench.deploy.executorch import lower_to_pte, pte_runner, quantize_program, require_executorch
 from mobilebench.deploy.int8 import calibration_arrays, conv_report, quantize_static, runtime_ops
 from mobilebench.deploy.onnx import (
     export_onnx,
@@ -77,6 +84,8 @@ def run_quantize(config: Config, run_dir: Path, use_checkpoint_data: bool = True
     cfg = config.quantize
     validate_quantize(cfg)  # the CLI checked it already; a direct caller gets the same one-line errors
     path = need_checkpoint(config, USAGE)
+    if cfg.method == "qat":
+        require_executorch()  # before any work: one line naming the `mobile` extra
     threads = set_threads(cfg.threads or config.trainer.threads)
     source = load_source(path)
     data = source_data(source, config, use_checkpoint_data)
@@ -86,6 +95,8 @@ def run_quantize(config: Config, run_dir: Path, use_checkpoint_data: bool = True
               "machine": machine_note()}
     if cfg.method == "dynamic":
         report = {**common, **_run_dynamic(source, test, cfg, run_dir)}
+    elif cfg.method == "qat":
+        report = {**common, **_run_qat(source, config, data.train, test, cfg, run_dir, threads, use_checkpoint_data)}
     else:
         report = {**common, **_run_static(source, config, test, cfg, run_dir, threads, use_checkpoint_data)}
     write_report(run_dir, "quantize.json", report)
@@ -121,6 +132,45 @@ def _run_static(source: Source, config: Config, test: Any, cfg: QuantizeConfig, 
         "size_bytes": {"before": file_bytes(fp32), "after": file_bytes(int8)},
         "latency": latency, "speedup": _speedups(latency, "onnx_fp32", "onnx_int8"),
         "before": "onnxruntime fp32", "after": "onnxruntime int8",
+    }
+
+
+def _run_qat(source: Source, config: Config, train: Any, test: Any, cfg: QuantizeConfig, run_dir: Path, threads: int,
+             use_checkpoint_data: bool) -> dict[str, Any]:
+    metadata = source_metadata(source)
+    t0 = time.perf_counter()
+    prepared = qat.prepare_qat(source)
+    tune = qat.finetune(prepared, train, source, cfg)
+    converted = qat.convert_qat(prepared, source)
+    qat_s = time.perf_counter() - t0
+    program = qat.inference_program(converted, source)
+    qat_pte, ptq_pte = run_dir / "model_qat_int8.pte", run_dir / "model_ptq_int8.pte"
+    delegation = {"qat": lower_to_pte(program, qat_pte, metadata)}
+    arrays = calibration_arrays(source, config, cfg, use_checkpoint_data)
+    ptq, calib_images = quantize_program(source.model, source.image_size, arrays)  # as export format=executorch int8=true
+    delegation["ptq"] = lower_to_pte(ptq, ptq_pte, metadata)
+    onnx_path, onnx_report = qat.export_onnx_qdq(program, run_dir / "model_qat_int8.onnx", metadata, threads)
+    acc = {"pytorch_fp32": torch_accuracy(source.model, test, source, cfg.eval_batch),
+           "pytorch_qat_int8": qat.graph_accuracy(converted, test, source, cfg.eval_batch),
+           "executorch_ptq_int8": qat.runner_accuracy(pte_runner(ptq_pte, threads), test, source, cfg.eval_batch),
+           "executorch_qat_int8": qat.runner_accuracy(pte_runner(qat_pte, threads), test, source, cfg.eval_batch)}
+    if onnx_path is not None:
+        acc["onnx_qat_int8"] = ort_accuracy(ort_session(onnx_path, threads), test, source, cfg.eval_batch)
+    points = {key: round((acc["pytorch_fp32"] - acc[f"executorch_{key}_int8"]) * 100, 2) for key in ("ptq", "qat")}
+    return {
+        "files": {"qat_int8": str(qat_pte), "ptq_int8": str(ptq_pte), "onnx_qat_int8": str(onnx_path) if onnx_path else None},
+        "quantization": {"flow": "torchao PT2E: prepare_qat_pt2e -> fine-tune -> convert_pt2e -> XNNPACK .pte",
+                         "quantizer": "XNNPACKQuantizer, get_symmetric_quantization_config(is_per_channel=True, is_qat=True); "
+                                      "PTQ: the same with is_qat=False",
+                         "weights": "int8, per-channel, BatchNorm folded", "activations": "int8, per-tensor",
+                         "calib_images": calib_images},
+        "qat": {**tune, "prepare_train_convert_seconds": round(qat_s, 1)},
+        "accuracy": {**acc, "drop_points": points["qat"], "ptq_drop_points": points["ptq"],
+                     "qat_gain_points": round(points["ptq"] - points["qat"], 2)},
+        "size_bytes": {"fp32_state_dict": state_bytes(source.model), "ptq_int8": file_bytes(ptq_pte),
+                       "qat_int8": file_bytes(qat_pte)},
+        "delegation": delegation, "onnx_qdq": {"file": str(onnx_path) if onnx_path else None, **onnx_report},
+        "before": "PyTorch fp32", "after": "ExecuTorch int8 (QAT)",
     }
 
 
@@ -175,6 +225,8 @@ def print_quantize(report: dict[str, Any]) -> None:
     from rich.table import Table
 
     console = Console()
+    if report["method"] == "qat":
+        return print_qat(report, console)
     acc, size = report["accuracy"], report["size_bytes"]
     before_acc = acc.get("onnx_fp32", acc.get("pytorch_fp32"))
     after_acc = acc.get("onnx_int8", acc.get("pytorch_dynamic_int8"))
@@ -196,3 +248,25 @@ def print_quantize(report: dict[str, Any]) -> None:
                       f"onnxruntime runs {report['runtime_ops'].get('QLinearConv', 0)} QLinearConv nodes")
     else:
         console.print(report["note"])
+
+
+def print_qat(report: dict[str, Any], console: Any) -> None:
+    from rich.table import Table
+
+    acc, size, tune = report["accuracy"], report["size_bytes"], report["qat"]
+    table = Table(title=f"{report['model']} QAT int8 ({tune['steps']} steps of {tune['batch_size']}, "
+                        f"{report['test_images']} test images, {report['threads']} threads)")
+    for col in ("", "PyTorch fp32", "ExecuTorch int8 PTQ", "ExecuTorch int8 QAT"):
+        table.add_column(col, justify="right" if col else "left")
+    fp32, ptq, tuned = acc["pytorch_fp32"], acc["executorch_ptq_int8"], acc["executorch_qat_int8"]
+    table.add_row("test top-1", f"{fp32:.4f}", f"{ptq:.4f}", f"{tuned:.4f}")
+    table.add_row("change", "", f"{(ptq - fp32) * 100:+.2f} points", f"{(tuned - fp32) * 100:+.2f} points")
+    table.add_row("size on disk", f"{mb(size['fp32_state_dict'])} (weights)", mb(size["ptq_int8"]), mb(size["qat_int8"]))
+    console.print(table)
+    d = report["delegation"]["qat"]
+    convs = d["convs"]["conv"]
+    console.print(f"QAT fine-tune {tune['seconds']:.1f}s ({tune['seconds_per_step']:.2f}s/step), observers frozen at step "
+                  f"{tune['observers_frozen_at_step']}, BatchNorm at step {tune['bn_frozen_at_step']}; "
+                  f"{d['delegates']} XNNPACK delegate(s), {d['non_delegated_nodes']} nodes outside, "
+                  f"{convs['int8']} of {convs['int8'] + convs['float']} convs int8")
+    console.print(f"ONNX QDQ: {report['onnx_qdq']['note']}")
