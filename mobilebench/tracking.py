@@ -92,8 +92,8 @@ class MLflow:
 
         # mlflow's and alembic's own log lines (table creation, migrations, retries on a failing store)
         # stay off the terminal: a problem reaches the user as Tracking's one warning line.
-        for name in ("mlflow", "alembic"):
-            logging.getLogger(name).disabled = True
+        for name in ("mlflow", "alembic"):  # a level, not `disabled`: their child loggers inherit it
+            logging.getLogger(name).setLevel(logging.CRITICAL + 1)
 
         self.uri = cfg.tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
