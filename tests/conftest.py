@@ -52,3 +52,15 @@ def tiny() -> list[str]:
 def _native_cache(tmp_path_factory: pytest.TempPathFactory) -> None:
     """Build the native kernel into this run's temp dir, not the user's cache (subprocesses inherit it)."""
     os.environ["MOBILEBENCH_CACHE"] = str(tmp_path_factory.mktemp("mobilebench-cache"))
+
+
+@pytest.fixture(scope="module")
+def one_thread() -> Any:
+    """One torch thread for a module: the deploy commands give onnxruntime and ExecuTorch PyTorch's
+    thread count, and one thread keeps a shared 2-core CI box responsive."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

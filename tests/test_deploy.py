@@ -78,13 +78,7 @@ def config(checkpoint: Path | None, **sections: dict) -> Config:
     return compose_config(overrides)[0]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread() -> object:
-    # The commands use PyTorch's thread count for onnxruntime too; one thread keeps a shared CI box responsive.
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 @pytest.fixture(scope="module")
