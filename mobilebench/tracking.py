@@ -67,7 +67,7 @@ class TensorBoard:
         # so no step appears twice.
         self.writer = tb.SummaryWriter(log_dir=str(self.dir), purge_step=resume_step)
 
-    def start(self, config: Mapping[str, Any], resumed: bool) -> None:
+    def start(self, config: Mapping[str, Any]) -> None:
         log.info("TensorBoard: events in %s (view: tensorboard --logdir %s)", self.dir, self.dir)
 
     def log(self, metrics: Mapping[str, float], step: int) -> None:
@@ -87,8 +87,7 @@ class MLflow:
     every_step = False
 
     def __init__(self, cfg: MlflowConfig, run_dir: Path, resumed: bool) -> None:
-        _require("mlflow", "mlflow")
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # open_trackers checked that it is installed
 
         # mlflow's and alembic's own log lines (table creation, migrations, retries on a failing store)
         # stay off the terminal: a problem reaches the user as Tracking's one warning line.
@@ -97,9 +96,9 @@ class MLflow:
 
         self.uri = cfg.tracking_uri or default_tracking_uri()
         self.client = MlflowClient(tracking_uri=self.uri)
-        self.run_dir = run_dir
         previous = read_run_file(run_dir) if resumed else None
-        if previous and previous.get("tracking_uri") == self.uri:
+        self.new_run = not (previous and previous.get("tracking_uri") == self.uri)
+        if not self.new_run:
             self.run_id = previous["run_id"]
             self.client.update_run(self.run_id, status="RUNNING")
         else:
@@ -108,8 +107,6 @@ class MLflow:
             run = self.client.create_run(experiment_id, run_name=cfg.run_name or mlflow_run_name(run_dir),
                                          tags={"mobilebench.run_dir": str(run_dir.resolve())})
             self.run_id = run.info.run_id
-            previous = None
-        self.new_run = previous is None
         write_json_atomic(run_dir / MLFLOW_RUN_FILE, {"tracking_uri": self.uri, "run_id": self.run_id})
 
     def _create_experiment(self, name: str) -> str:
@@ -119,7 +116,7 @@ class MLflow:
             location = (Path(self.uri.removeprefix("sqlite:///")).parent / "mlartifacts").resolve().as_uri()
         return self.client.create_experiment(name, artifact_location=location)
 
-    def start(self, config: Mapping[str, Any], resumed: bool) -> None:
+    def start(self, config: Mapping[str, Any]) -> None:
         from mlflow.entities import Param
 
         if self.new_run:  # a resumed run keeps its params (MLflow refuses to change one)
@@ -181,8 +178,8 @@ class Tracking:
                 self.trackers.remove(tracker)
                 _warn(f"{tracker.name} logging stopped", err)
 
-    def start(self, config: Mapping[str, Any], resumed: bool) -> None:
-        self._call("start", config, resumed)
+    def start(self, config: Mapping[str, Any]) -> None:
+        self._call("start", config)
 
     def step(self, info: Mapping[str, float], steps: int) -> None:
         """Every log_every steps of an epoch and at its last step, as the log lines are."""

@@ -110,7 +110,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     files.write_summary(summary)
     trackers = tracking.open_trackers(cfg.logger, run_dir, state.step if ckpt is not None else None, t.log_every,
                                       world.is_main)
-    trackers.start(cfg_dict, ckpt is not None)
+    trackers.start(cfg_dict)
     log.info("%s (%s params, %.1fM MACs at %dpx) on %s, %s, %d train / %d val / %d test images, global batch %d x %d = %d",
              cfg.model.name, f"{summary['params']:,}", summary["macs"] / 1e6, summary["image_size"], summary["device"],
              precision, len(data.train), len(data.val), len(data.test), cfg.data.batch_size, world.size,

@@ -64,3 +64,27 @@ def one_thread() -> Any:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def interrupt_in_epoch(monkeypatch: pytest.MonkeyPatch, at_epoch: int, then=None) -> None:  # noqa: ANN001
+    """Send the loop its own SIGTERM (or run `then`) at the first step of `at_epoch`."""
+    import signal
+
+    import mobilebench.train as train_module
+
+    real = train_module.make_progress
+
+    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        factory = real(*args, **kwargs)
+
+        def make(epoch: int):  # noqa: ANN202
+            step = factory(epoch)
+
+            def update(info: dict) -> None:
+                step(info)
+                if epoch == at_epoch and info["step_in_epoch"] == 1:
+                    then() if then else signal.raise_signal(signal.SIGTERM)
+            return update
+        return make
+
+    monkeypatch.setattr(train_module, "make_progress", wrapped)

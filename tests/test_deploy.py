@@ -41,10 +41,11 @@ DATA = {"name": "synthetic", "root": "unused", "download": False, "val_size": 16
 FAST = {"exporter": "torchscript"}
 
 
-def make_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
+def make_checkpoint(path: Path, name: str, seed: int = 0, width: float = 0.25,
+                    classes: list[str] | None = None) -> Path:
     """A checkpoint in the training format with non-trivial BN statistics and well-separated logits."""
     torch.manual_seed(seed)
-    model = build_model(name, num_classes=10, width_mult=0.25).eval()
+    model = build_model(name, num_classes=10, width_mult=width).eval()
     with torch.no_grad():
         for m in model.modules():
             if isinstance(m, torch.nn.BatchNorm2d):
@@ -52,10 +53,11 @@ def make_checkpoint(path: Path, name: str, seed: int = 0) -> Path:
                 m.running_var.uniform_(0.5, 1.5)
                 m.weight.uniform_(0.5, 1.5)
         model.head.classifier.weight.normal_(0, 1.0)
-    args = {"name": name, "num_classes": 10, "width_mult": 0.25, "stem": "cifar", "dropout": None}
+    args = {"name": name, "num_classes": 10, "width_mult": width, "stem": "cifar", "dropout": None}
     payload = {"model_args": args, "model": model.state_dict(), "ema": None,
                "config": {"model": {"name": name}, "data": DATA, "augment": {"resize": None}},
-               "data": {"classes": [str(i) for i in range(10)], "mean": DATA["mean"], "std": DATA["std"], "image_size": 32}}
+               "data": {"classes": classes or [str(i) for i in range(10)], "mean": DATA["mean"], "std": DATA["std"],
+                        "image_size": 32}}
     save_checkpoint(payload, path)
     return path
 

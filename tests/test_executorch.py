@@ -23,7 +23,6 @@ from PIL import Image
 
 pytest.importorskip("executorch.runtime", reason="executorch is not installed (pip install 'mobilebench[mobile]')")
 
-from mobilebench.checkpoint import save_checkpoint  # noqa: E402
 from mobilebench.deploy import executorch as et  # noqa: E402
 from mobilebench.deploy.export import run_export  # noqa: E402
 from mobilebench.deploy.latency import run_latency  # noqa: E402
@@ -33,29 +32,16 @@ from mobilebench.models import build_model  # noqa: E402
 from mobilebench.predict import run_predict  # noqa: E402
 
 from .conftest import compose_config, run_cli  # noqa: E402
+from .test_deploy import DATA  # noqa: E402
+from .test_deploy import make_checkpoint as deploy_checkpoint  # noqa: E402
 
 CLASSES = ["plane", "car", "bird", "cat", "deer", "dog", "frog", "horse", "ship", "truck"]
-DATA = {"name": "synthetic", "root": "unused", "download": False, "val_size": 16, "train_subset": 96, "test_subset": 64,
-        "image_size": 32, "batch_size": 32, "num_classes": 10, "mean": [0.5, 0.5, 0.5], "std": [0.25, 0.25, 0.25]}
 MISSING = "executorch is not installed; install it with: pip install 'mobilebench[mobile]'"
 
 
-def make_checkpoint(path: Path, name: str, width: float = 0.25, seed: int = 0) -> Path:
-    """A training-format checkpoint with non-trivial BN statistics and well-separated logits."""
-    torch.manual_seed(seed)
-    model = build_model(name, num_classes=10, width_mult=width).eval()
-    with torch.no_grad():
-        for m in model.modules():
-            if isinstance(m, torch.nn.BatchNorm2d):
-                m.running_mean.normal_(0, 0.1)
-                m.running_var.uniform_(0.5, 1.5)
-                m.weight.uniform_(0.5, 1.5)
-        model.head.classifier.weight.normal_(0, 1.0)
-    args = {"name": name, "num_classes": 10, "width_mult": width, "stem": "cifar", "dropout": None}
-    save_checkpoint({"model_args": args, "model": model.state_dict(), "ema": None,
-                     "config": {"model": {"name": name}, "data": DATA, "augment": {"resize": None}},
-                     "data": {"classes": CLASSES, "mean": DATA["mean"], "std": DATA["std"], "image_size": 32}}, path)
-    return path
+def make_checkpoint(path: Path, name: str, width: float = 0.25) -> Path:
+    """test_deploy's checkpoint, with class names so predict can be checked to read them."""
+    return deploy_checkpoint(path, name, width=width, classes=CLASSES)
 
 
 def config(*overrides: str) -> Any:

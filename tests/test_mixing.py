@@ -13,7 +13,7 @@ from mobilebench.config import AugmentConfig
 from mobilebench.data import Split
 from mobilebench.loader import TensorLoader
 from mobilebench.mixing import Mixer
-from tests.conftest import train_run
+from tests.conftest import interrupt_in_epoch, train_run
 
 C = 5
 
@@ -101,33 +101,15 @@ MIX = ["augment.cutmix_alpha=1.0", "augment.mixup_alpha=0.2", "trainer.label_smo
 
 
 def test_training_with_mixing_resumes_exactly_mid_epoch(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import signal
-
-    import mobilebench.train as train_module
     from mobilebench.errors import UserError
 
     whole, split = tmp_path / "whole", tmp_path / "split"
     train_run(whole, *MIX, "trainer.epochs=2")
-    real = train_module.make_progress
-
-    def sigterm_at_epoch_2_step_1(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        factory = real(*args, **kwargs)
-
-        def make(epoch: int):  # noqa: ANN202
-            step = factory(epoch)
-
-            def update(info: dict) -> None:
-                step(info)
-                if epoch == 2:
-                    signal.raise_signal(signal.SIGTERM)  # the loop's own handler: stop and save
-            return update
-        return make
-
-    monkeypatch.setattr(train_module, "make_progress", sigterm_at_epoch_2_step_1)
+    interrupt_in_epoch(monkeypatch, at_epoch=2)  # the loop's own SIGTERM at epoch 2, step 1
     with pytest.raises(UserError, match="interrupted by SIGTERM"):
         train_run(split, *MIX, "trainer.epochs=2")
     assert load_checkpoint(split / "checkpoints" / "last.pt")["state"]["step_in_epoch"] == 1
-    monkeypatch.setattr(train_module, "make_progress", real)
+    monkeypatch.undo()
     train_run(split, *MIX, "trainer.epochs=2", "trainer.resume=auto")
     a, b = (load_checkpoint(d / "checkpoints" / "last.pt")["model"] for d in (whole, split))
     assert all(torch.equal(a[k], b[k]) for k in a)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import logging
-import signal
 from pathlib import Path
 
 import pytest
@@ -15,10 +14,9 @@ pytest.importorskip("mlflow", reason="the track extra is not installed")
 from mlflow.tracking import MlflowClient  # noqa: E402
 from tensorboard.backend.event_processing.event_accumulator import EventAccumulator  # noqa: E402
 
-import mobilebench.train as train_module  # noqa: E402
 from mobilebench.errors import UserError  # noqa: E402
 from mobilebench.tracking import flatten, open_trackers  # noqa: E402
-from tests.conftest import compose_config, run_cli, train_run  # noqa: E402
+from tests.conftest import compose_config, interrupt_in_epoch, run_cli, train_run  # noqa: E402
 
 RUN = ["data.train_subset=192", "trainer.epochs=2", "trainer.log_every=2", "logger=[tensorboard,mlflow]"]
 
@@ -76,31 +74,11 @@ def test_both_loggers_record_the_run_as_its_own_files_do(tmp_path: Path) -> None
     assert {"summary.json", "eval.json", "curves.png", "confusion.png", "per_class.png"} <= artifacts
 
 
-def _sigterm_in_epoch(monkeypatch: pytest.MonkeyPatch, at_epoch: int, then=None) -> None:  # noqa: ANN001
-    """Send the loop its own SIGTERM (or run `then`) at the first step of `at_epoch`."""
-    real = train_module.make_progress
-
-    def wrapped(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
-        factory = real(*args, **kwargs)
-
-        def make(epoch: int):  # noqa: ANN202
-            step = factory(epoch)
-
-            def update(info: dict) -> None:
-                step(info)
-                if epoch == at_epoch and info["step_in_epoch"] == 1:
-                    then() if then else signal.raise_signal(signal.SIGTERM)
-            return update
-        return make
-
-    monkeypatch.setattr(train_module, "make_progress", wrapped)
-
-
 def test_sigterm_marks_the_run_killed_and_resume_continues_it_without_duplicate_steps(
         tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     whole, run_dir, uri = tmp_path / "whole", tmp_path / "run", _uri(tmp_path)
     train_run(whole, *RUN, f"logger.mlflow.tracking_uri={uri}")
-    _sigterm_in_epoch(monkeypatch, at_epoch=2)
+    interrupt_in_epoch(monkeypatch, at_epoch=2)
     with pytest.raises(UserError, match="interrupted by SIGTERM"):
         train_run(run_dir, *RUN, f"logger.mlflow.tracking_uri={uri}")
     _, killed = _mlflow_run(run_dir, uri)
@@ -132,7 +110,7 @@ def test_a_store_that_breaks_mid_run_costs_one_line_and_nothing_else(tmp_path: P
         with db.open("r+b") as f:
             f.write(b"\0" * size)
 
-    _sigterm_in_epoch(monkeypatch, at_epoch=2, then=corrupt_the_store)
+    interrupt_in_epoch(monkeypatch, at_epoch=2, then=corrupt_the_store)
     train_run(run_dir, *RUN, f"logger.mlflow.tracking_uri={uri}")
     err = capsys.readouterr().err
     warnings = [line for line in err.splitlines() if "mlflow logging stopped" in line]
