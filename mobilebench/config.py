@@ -26,6 +26,7 @@ COMPILE = ("auto", "on", "off")
 CPU_ALLOCATORS = ("cache", "system")
 NAN_POLICIES = ("stop", "skip")
 TTA = ("none", "flip")
+TEACHER_INPUTS = ("full", "student")
 CPU_KERNELS = ("auto", "on", "off")
 COMMANDS = ("train", "eval", "summary", "bench", "export", "quantize", "prune", "predict")
 BENCH_MODES = ("train", "latency")
@@ -284,6 +285,18 @@ class PredictConfig:
 
 
 @dataclass
+class DistillConfig:
+    """Knowledge distillation (mobilebench/distill.py); off while `teacher` is None."""
+
+    teacher: Optional[str] = None  # a mobilebench checkpoint or run dir; its model is rebuilt from it
+    alpha: float = 0.9  # weight of the soft (teacher) term; 1 - alpha weighs the labels' cross-entropy
+    temperature: float = 4.0
+    # What the teacher sees while progressive resizing shrinks the student's batch: "full" the same
+    # augmented batch before it is shrunk, "student" exactly the student's tensor.
+    teacher_input: str = "full"
+
+
+@dataclass
 class Config:
     command: str = "train"
     checkpoint: Optional[str] = None
@@ -302,6 +315,7 @@ class Config:
     prune: PruneConfig = field(default_factory=PruneConfig)
     predict: PredictConfig = field(default_factory=PredictConfig)
     logger: LoggerConfig = field(default_factory=LoggerConfig)
+    distill: DistillConfig = field(default_factory=DistillConfig)
 
 
 def section_from_dict(schema: type[T], values: Mapping[str, Any] | None) -> T:

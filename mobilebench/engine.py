@@ -47,6 +47,9 @@ class Parts:
     nan_policy: str = "stop"
     nan_skip_limit: int = 10
     max_steps_per_epoch: int | None = None
+    # Knowledge distillation: a frozen module whose logits on the same batch go to
+    # `loss_fn(logits, y, teacher_logits)`; None: `loss_fn(logits, y)`.
+    teacher: nn.Module | None = None
 
 
 @dataclass
@@ -68,6 +71,7 @@ class EpochStats:
     images: int
     seconds: float
     data_s: float
+    teacher_s: float = 0.0
 
     @property
     def images_per_s(self) -> float:
@@ -144,7 +148,8 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
     """One pass over `batches`, resuming at `state.step_in_epoch` when the epoch was interrupted."""
     model, opt = parts.model, parts.optimizer
     model.train()
-    sums = {"loss": 0.0, "correct": 0.0, "images": 0.0, "seconds": 0.0, "data_s": 0.0, **state.epoch_sums}
+    sums = {"loss": 0.0, "correct": 0.0, "images": 0.0, "seconds": 0.0, "data_s": 0.0, "teacher_s": 0.0,
+            **state.epoch_sums}
     skip = state.step_in_epoch
     it: Iterator = iter(batches)
     t_epoch = time.perf_counter()
@@ -152,13 +157,16 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
         if parts.max_steps_per_epoch is not None and i >= parts.max_steps_per_epoch:
             break
         t0 = time.perf_counter()
-        x, y = next(it)
+        x, y, *full = next(it)  # a loader for a teacher may add the batch before progressive resizing
         t_data = time.perf_counter() - t0
         if i < skip:
             continue  # replayed only so the data order and augmentation draws line up
         with autocast(parts.device, parts.amp_dtype):
+            if parts.teacher is not None:
+                teacher_logits, t_teacher = timed(parts.teacher, full[0] if full else x, parts.device)
+                sums["teacher_s"] += t_teacher
             logits = model(x)
-            loss = parts.loss_fn(logits, y)
+            loss = parts.loss_fn(logits, y) if parts.teacher is None else parts.loss_fn(logits, y, teacher_logits)
         # One device sync per step for both numbers the loop needs on the host. Mixed (soft)
         # targets count against their dominant label.
         correct = (logits.argmax(1) == (y.argmax(1) if y.ndim == 2 else y)).sum()
@@ -200,7 +208,20 @@ def train_one_epoch(parts: Parts, batches: Iterable[tuple[torch.Tensor, torch.Te
     seconds = sums["seconds"] + time.perf_counter() - t_epoch
     images = max(sums["images"], 1)
     state.step_in_epoch, state.epoch_sums = 0, {}
-    return EpochStats(sums["loss"] / images, sums["correct"] / images, int(sums["images"]), seconds, sums["data_s"])
+    return EpochStats(sums["loss"] / images, sums["correct"] / images, int(sums["images"]), seconds, sums["data_s"],
+                      sums["teacher_s"])
+
+
+def timed(module: nn.Module, x: torch.Tensor, device: torch.device) -> tuple[torch.Tensor, float]:
+    """`module(x)` and its seconds; on a GPU the queue is drained on both sides so the time is the
+    module's own (two syncs a step, paid only by runs that ask for this split, i.e. distillation)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    t0 = time.perf_counter()
+    out = module(x)
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return out, time.perf_counter() - t0
 
 
 class _Tally:
@@ -295,6 +316,7 @@ def fit(parts: Parts, state: TrainState, epochs: int, hooks: FitHooks) -> TrainS
                 "val_top5": val.top5 if val else None,
                 "epoch_s": stats.seconds + eval_s, "train_images_per_s": stats.images_per_s,
                 "data_s": stats.data_s, "compute_s": stats.seconds - stats.data_s, "eval_s": eval_s,
+                **({"teacher_s": stats.teacher_s} if parts.teacher is not None else {}),
             })
             hooks.save(state, is_best or val is None)
             stop.check()

@@ -138,9 +138,11 @@ class TensorLoader:
     def __init__(self, split: Split, batch_size: int, aug: AugmentConfig, mean: list[float], std: list[float],
                  device: torch.device, gen: torch.Generator, channels_last: bool = True,
                  shard: tuple[int, int] = (0, 1), store: torch.device | None = None,
-                 mixer: Mixer | None = None) -> None:
+                 mixer: Mixer | None = None, keep_full: bool = False) -> None:
         store = device if store is None else store
-        self.mixer = mixer
+        # keep_full: yield (x, y, x_full), x_full the batch before progressive resizing (a
+        # distillation teacher's view); otherwise (x, y).
+        self.mixer, self.keep_full = mixer, keep_full
         # NHWC crop windows: a batch is one gather of whole pixel rows, and comes out channels_last
         # with no transposing copy.
         self.windows = crop_windows(split.x.permute(0, 2, 3, 1), aug.crop_padding, aug.flip, store)
@@ -171,9 +173,10 @@ class TensorLoader:
             x = normalize(x, self.planes, self.channels_last)
             if self.mixer is not None:
                 x, y = self.mixer(x, y, self.gen)
+            full = x
             if self.image_size is not None:
                 x = resize_batch(x, self.image_size, self.channels_last)
-            yield x, y
+            yield (x, y, full) if self.keep_full else (x, y)
 
     def _to_device(self, t: torch.Tensor) -> torch.Tensor:
         return to_device(t, self.device)

@@ -55,7 +55,11 @@ def print_time_report(s: dict[str, Any]) -> None:
     for col in ("", "seconds", "share"):
         table.add_column(col, justify="right" if col else "left")
     # The final test pass is its own row: with data.val_size=0 (the CIFAR-10 recipes) it is all the evaluation.
-    rows = (("data (batching + augmentation)", s["data_s"]), ("forward/backward/step", s["compute_s"]),
+    # A distilled run splits compute into the teacher's forward and the student's own step.
+    teacher_s = s.get("teacher_s")
+    compute = ((("teacher forward", teacher_s), ("student forward/backward/step", s["compute_s"] - teacher_s))
+               if teacher_s is not None else (("forward/backward/step", s["compute_s"]),))
+    rows = (("data (batching + augmentation)", s["data_s"]), *compute,
             ("validation", s["eval_s"]), ("final test" + (f" (+ {s['tta']} TTA)" if s["test_acc_tta"] is not None else ""),
                                           s["test_s"]))
     total = sum(secs for _, secs in rows)

@@ -27,6 +27,7 @@ from mobilebench.checkpoint import (
 )
 from mobilebench.config import Config
 from mobilebench.data import DataSplits, load_data
+from mobilebench.distill import Teacher, check_same_teacher, load_teacher
 from mobilebench.errors import UserError
 from mobilebench.loader import (
     DataLoaderPath,
@@ -91,10 +92,12 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     cfg_dict["data"]["mean"], cfg_dict["data"]["std"] = data.mean, data.std
     args = model_args(cfg.model, data.num_classes)
     gen = torch.Generator().manual_seed(t.seed)  # same on every rank: ranks shard one permutation
-    train_loader = build_train_loader(cfg, data, device, gen, world)
+    teacher = open_teacher(cfg, data, device) if cfg.distill.teacher else None
+    train_loader = build_train_loader(cfg, data, device, gen, world,
+                                      keep_full=teacher is not None and cfg.distill.teacher_input == "full")
     steps_per_epoch = min(len(train_loader), t.max_steps_per_epoch or len(train_loader))
     trainer = build_trainer(cfg, build_from_config(cfg.model, data.num_classes), device, precision,
-                            steps_per_epoch, world)
+                            steps_per_epoch, world, teacher.module if teacher else None)
     raw, parts = trainer.raw, trainer.parts
 
     state = engine.TrainState()
@@ -102,11 +105,14 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     if ckpt is not None:
         # Loaded to host memory: the RNG states must stay CPU byte tensors, and load_state_dict
         # moves weights and optimizer state to the parameters' device itself.
-        state = restore(load_checkpoint(ckpt), ckpt, args, raw, parts, gen)
+        blob = load_checkpoint(ckpt)
+        check_same_teacher(teacher.record if teacher else None, blob.get("teacher"), ckpt)
+        state = restore(blob, ckpt, args, raw, parts, gen)
         files.truncate_metrics(state.epoch)
         log.info("resumed from %s at epoch %d step %d", ckpt, state.epoch, state.step)
 
     summary = start_summary(cfg, raw, data, device, precision, world, trainer.fast_paths)
+    summary["teacher"] = teacher.record if teacher else None
     files.write_summary(summary)
     trackers = tracking.open_trackers(cfg.logger, run_dir, state.step if ckpt is not None else None, t.log_every,
                                       world.is_main)
@@ -118,7 +124,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     if trainer.fast_paths:
         log.info("CPU fast paths (trainer.cpu_kernels=%s): %s", t.cpu_kernels, accel.describe(trainer.fast_paths))
 
-    totals = {"train_s": 0.0, "data_s": 0.0, "eval_s": 0.0, "images": 0.0}
+    totals = {"train_s": 0.0, "data_s": 0.0, "eval_s": 0.0, "teacher_s": 0.0, "images": 0.0}
     a = cfg.augment
 
     def train_size(epoch: int) -> int:
@@ -134,6 +140,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         if not world.is_main:
             return
         payload = checkpoint_payload(cfg_dict, args, raw, parts, st, gen, data)
+        payload["teacher"] = teacher.record if teacher else None
         save_checkpoint(payload, files.last)
         if is_best:
             save_checkpoint(payload, files.best)
@@ -196,6 +203,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         "test_acc_tta": test_tta.acc if test_tta else None, "test_checkpoint": tested.name, "train_s": train_s,
         "images_per_s": totals["images"] / train_s if train_s > 0 else None,
         "data_s": totals["data_s"], "compute_s": train_s - totals["data_s"], "eval_s": totals["eval_s"],
+        "teacher_s": totals["teacher_s"] if teacher else None,
         "test_s": time.perf_counter() - t_test, "wall_s": time.perf_counter() - t_start, "epochs_done": state.epoch,
         "skipped_batches": state.skipped_batches,
     })
@@ -254,7 +262,24 @@ def add_epoch(totals: dict[str, float], row: dict[str, Any]) -> None:
     totals["train_s"] += train_s
     totals["data_s"] += row["data_s"]
     totals["eval_s"] += row["eval_s"]
+    totals["teacher_s"] += row.get("teacher_s", 0.0)
     totals["images"] += row["train_images_per_s"] * train_s
+
+
+def open_teacher(cfg: Config, data: DataSplits, device: torch.device) -> Teacher:
+    """The frozen teacher of `distill.teacher`, with its accuracy on this run's test split recorded.
+
+    Every rank builds its own copy (a teacher is small beside the data, and DDP only wraps the student).
+    """
+    teacher = load_teacher(cfg.distill, data.classes, device, cfg.trainer.channels_last, (data.mean, data.std))
+    batches = eval_batches(data.test, cfg.data.batch_size * 2, data.mean, data.std, device, cfg.trainer.channels_last,
+                           cfg.augment.resize)
+    teacher.record["test_acc"] = engine.evaluate(teacher.module, batches, data.num_classes, device).acc
+    r = teacher.record
+    log.info("teacher %s (%s, %s params, sha256 %s...): test acc %.4f; distill.alpha=%g, distill.temperature=%g, "
+             "distill.teacher_input=%s", r["path"], r["model"], f"{r['params']:,}", r["sha256"][:12], r["test_acc"],
+             r["alpha"], r["temperature"], r["input"])
+    return teacher
 
 
 def test_final(cfg: Config, path: Path, data: DataSplits, device: torch.device, amp_dtype: torch.dtype | None,

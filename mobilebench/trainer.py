@@ -18,6 +18,7 @@ from torch import nn
 from mobilebench import accel, engine
 from mobilebench.config import Config, ModelConfig
 from mobilebench.data import DataSplits
+from mobilebench.distill import DistillationLoss
 from mobilebench.errors import UserError
 from mobilebench.loader import DataLoaderPath, TensorLoader, free_memory, resident_device, window_bytes
 from mobilebench.mixing import Mixer
@@ -65,8 +66,11 @@ def set_bn_momentum(model: nn.Module, momentum: float) -> None:
 
 
 def build_train_loader(cfg: Config, data: DataSplits, device: torch.device, gen: torch.Generator,
-                       world: World = World()) -> TensorLoader | DataLoaderPath:
-    """The in-memory tensor loader, or torchvision's DataLoader for per-image policies."""
+                       world: World = World(), keep_full: bool = False) -> TensorLoader | DataLoaderPath:
+    """The in-memory tensor loader, or torchvision's DataLoader for per-image policies.
+
+    `keep_full`: the tensor loader also yields each batch as it was before progressive resizing.
+    """
     shared = (data.train, cfg.data.batch_size, cfg.augment, data.mean, data.std, device, gen)
     options = {"channels_last": cfg.trainer.channels_last, "shard": (world.rank, world.size),
                "mixer": Mixer.from_config(cfg.augment, data.num_classes)}
@@ -77,7 +81,7 @@ def build_train_loader(cfg: Config, data: DataSplits, device: torch.device, gen:
     if store != device:
         log.info("training images stay in host memory (%d MB of crop windows, data.device_resident=%s); "
                  "each batch is copied to %s", nbytes // 2**20, cfg.data.device_resident, device)
-    return TensorLoader(*shared, store=store, **options)
+    return TensorLoader(*shared, store=store, keep_full=keep_full, **options)
 
 
 @dataclass
@@ -88,10 +92,11 @@ class Trainer:
 
 
 def build_trainer(cfg: Config, model: nn.Module, device: torch.device, precision: str, steps_per_epoch: int,
-                  world: World = World()) -> Trainer:
+                  world: World = World(), teacher: nn.Module | None = None) -> Trainer:
     """Prepare a plain `model` for training on `device` and build the parts around it.
 
-    Reads `cfg.trainer`, `cfg.optimizer`, `cfg.scheduler` and `cfg.data.batch_size`.
+    Reads `cfg.trainer`, `cfg.optimizer`, `cfg.scheduler` and `cfg.data.batch_size`; with a
+    `teacher` (distill.py's frozen module) also `cfg.distill`.
     """
     t = cfg.trainer
     raw = model.to(device)
@@ -116,11 +121,14 @@ def build_trainer(cfg: Config, model: nn.Module, device: torch.device, precision
     ema = None
     if t.ema:
         ema = torch.optim.swa_utils.AveragedModel(raw, multi_avg_fn=warmup_ema(t.ema_decay), use_buffers=True)
+    loss: nn.Module = nn.CrossEntropyLoss(label_smoothing=t.label_smoothing)
+    if teacher is not None:
+        loss = DistillationLoss(cfg.distill.alpha, cfg.distill.temperature, t.label_smoothing)
     parts = engine.Parts(
         model=wrapped, optimizer=optimizer,
         scheduler=build_scheduler(cfg.scheduler, optimizer, lr, steps_per_epoch, t.epochs),
         scaler=torch.amp.GradScaler(device.type, enabled=precision == "fp16"),
-        loss_fn=nn.CrossEntropyLoss(label_smoothing=t.label_smoothing), device=device, amp_dtype=amp_dtype, ema=ema,
+        loss_fn=loss, device=device, amp_dtype=amp_dtype, ema=ema,
         grad_clip=t.grad_clip, nan_policy=t.nan_policy, nan_skip_limit=t.nan_skip_limit,
-        max_steps_per_epoch=t.max_steps_per_epoch)
+        max_steps_per_epoch=t.max_steps_per_epoch, teacher=teacher)
     return Trainer(raw, parts, fast)

@@ -28,10 +28,12 @@ from mobilebench.config import (
     QUANTIZE_METHODS,
     SCHEDULERS,
     STEMS,
+    TEACHER_INPUTS,
     TTA,
     BenchConfig,
     Config,
     ConfigError,
+    DistillConfig,
     ExportConfig,
     PredictConfig,
     PruneConfig,
@@ -133,6 +135,7 @@ def validate(cfg: Config) -> None:
     validate_quantize(cfg.quantize)
     validate_prune(cfg.prune)
     validate_predict(cfg.predict)
+    validate_distill(cfg.distill)
 
 
 def validate_bench(b: BenchConfig) -> None:
@@ -214,3 +217,11 @@ def validate_predict(p: PredictConfig) -> None:
         _at_least(f"predict.{key}", getattr(p, key), 1, allow_none=False)
     _at_least("predict.table_rows", p.table_rows, 0, allow_none=False)
     _at_least("predict.threads", p.threads, 1)
+
+
+def validate_distill(d: DistillConfig) -> None:
+    if not 0.0 <= d.alpha <= 1.0:
+        raise ConfigError(f"distill.alpha={d.alpha} is out of range; it must be in [0, 1] (0: labels only, 1: teacher only)")
+    if d.temperature <= 0:
+        raise ConfigError(f"distill.temperature={d.temperature} is out of range; it must be > 0")
+    _choice("distill.teacher_input", d.teacher_input, TEACHER_INPUTS)

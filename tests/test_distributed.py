@@ -145,3 +145,18 @@ def test_more_nccl_ranks_than_gpus_is_a_user_error(monkeypatch: pytest.MonkeyPat
         runtime.resolve_device("auto", runtime.World(rank=1, size=2, local_rank=1))
     monkeypatch.setenv(runtime.BACKEND_ENV, "gloo")  # gloo may share one GPU between ranks
     assert runtime.resolve_device("cuda", runtime.World(rank=1, size=2, local_rank=1)) == torch.device("cuda", 0)
+
+
+@pytest.mark.slow
+def test_each_rank_distils_from_its_own_teacher_copy(tmp_path: Path) -> None:
+    teacher = tmp_path / "teacher"
+    train_run(teacher, "trainer.device=cpu", "model=v3_small", "trainer.max_steps_per_epoch=2")
+    run_dir = tmp_path / "ddp_kd"
+    proc = torchrun(tmp_path, "trainer.device=cpu", "trainer.max_steps_per_epoch=2", "data.batch_size=16",
+                    f"distill.teacher={teacher}", f"hydra.run.dir={run_dir}")
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["status"] == "completed" and summary["world_size"] == 2
+    assert summary["teacher"]["sha256"] and summary["teacher_s"] > 0
+    # The loss of every rank needs its teacher's logits: a rank without a teacher could not step.
+    assert all(row["teacher_s"] > 0 for row in metrics(run_dir))
