@@ -75,7 +75,8 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device, channels_last: bool, norm: tuple[list[float], list[float]]) -> Teacher:
+def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device, channels_last: bool,
+                 norm: tuple[list[float], list[float]]) -> Teacher:
     """The teacher `cfg.teacher` names, checked against the student's classes, ready on `device`.
 
     The teacher gets the student's normalised batch; `norm` (the student's mean/std) is compared
@@ -98,7 +99,7 @@ def load_teacher(cfg: DistillConfig, classes: list[str], device: torch.device, c
                         "pass a teacher trained on the same classes")
     stats = blob.get("data") or {}
     if stats.get("mean") and max(abs(a - b) for a, b in zip([*stats["mean"], *stats["std"]], [*norm[0], *norm[1]])) > 0.01:
-        log.warning("mobilebench: warning: the teacher was trained with mean %s / std %s, this data is normalised "
+        log.warning("the teacher was trained with mean %s / std %s, this data is normalised "
                     "with %s / %s; it sees the student's batches as they are", stats["mean"], stats["std"], *norm)
     if channels_last:
         model = model.to(memory_format=torch.channels_last)
