@@ -203,15 +203,9 @@ def onnx_predictor(path: Path, threads: int) -> Predictor:
     """An onnxruntime CPU session, preprocessing as the model's metadata says."""
     from mobilebench.deploy.onnx import ort_run, ort_session, session_metadata
 
-    if zipfile.is_zipfile(path):  # torch.save writes zip archives; ONNX is a bare protobuf
-        raise UserError(f"{path} is a PyTorch file (a zip archive), not an ONNX model; pass it as a .pt "
-                        f"checkpoint, or export it with: mobilebench export checkpoint={path.with_suffix('.pt')} format=onnx")
+    refuse_zip(path, "an ONNX model", "onnx")  # torch.save writes zip archives; ONNX is a bare protobuf
     session = ort_session(path, threads)
-    meta = session_metadata(session)
-    if meta is None:
-        raise UserError(f"{path} has no mobilebench metadata (class names, preprocessing), so predict cannot "
-                        f"know its classes or input; {REEXPORT}")
-
+    meta = need_metadata(session_metadata(session), path, REEXPORT)
     side = meta["resize"] or meta["image_size"]
     shape = session.get_inputs()[0].shape
     if len(shape) != 4 or any(isinstance(d, int) and d != want for d, want in zip(shape[1:], (3, side, side))):
@@ -220,7 +214,26 @@ def onnx_predictor(path: Path, threads: int) -> Predictor:
     def run(x: torch.Tensor) -> torch.Tensor:
         return torch.from_numpy(ort_run(session, x))
 
-    return Predictor("onnxruntime", str(path), str(meta["model"]), meta["classes"], meta["mean"], meta["std"],
+    return exported_predictor("onnxruntime", path, meta, run)
+
+
+def refuse_zip(path: Path, what: str, fmt: str) -> None:
+    if zipfile.is_zipfile(path):
+        raise UserError(f"{path} is a PyTorch file (a zip archive), not {what}; pass it as a .pt checkpoint, "
+                        f"or export it with: mobilebench export checkpoint={path.with_suffix('.pt')} format={fmt}")
+
+
+def need_metadata(meta: dict[str, Any] | None, path: Path, reexport: str) -> dict[str, Any]:
+    if meta is None:
+        raise UserError(f"{path} has no mobilebench metadata (class names, preprocessing), so predict cannot "
+                        f"know its classes or input; {reexport}")
+    return meta
+
+
+def exported_predictor(backend: str, path: Path, meta: dict[str, Any],
+                       run: Callable[[torch.Tensor], torch.Tensor]) -> Predictor:
+    """An exported model on the CPU, its classes and preprocessing as its metadata says."""
+    return Predictor(backend, str(path), str(meta["model"]), meta["classes"], meta["mean"], meta["std"],
                      meta["image_size"], meta["resize"], torch.device("cpu"), False, run)
 
 
@@ -235,13 +248,8 @@ def pte_predictor(path: Path, threads: int) -> Predictor:
     from mobilebench.deploy.executorch import pte_runner, read_pte_metadata, require_executorch
 
     require_executorch()
-    if zipfile.is_zipfile(path):
-        raise UserError(f"{path} is a PyTorch file (a zip archive), not an ExecuTorch program; pass it as a .pt "
-                        f"checkpoint, or export it with: mobilebench export checkpoint={path.with_suffix('.pt')} format=executorch")
-    meta = read_pte_metadata(path)  # one line when the file is not a program
-    if meta is None:
-        raise UserError(f"{path} has no mobilebench metadata (class names, preprocessing), so predict cannot "
-                        f"know its classes or input; {REEXPORT_PTE}")
+    refuse_zip(path, "an ExecuTorch program", "executorch")
+    meta = need_metadata(read_pte_metadata(path), path, REEXPORT_PTE)  # one line when the file is not a program
     run_pte = pte_runner(path, threads)
     side = meta["resize"] or meta["image_size"]
 
@@ -250,8 +258,7 @@ def pte_predictor(path: Path, threads: int) -> Predictor:
             raise UserError(f"{path}'s metadata says 3 x {side} x {side} images but got {tuple(x.shape[1:])}; {REEXPORT_PTE}")
         return torch.from_numpy(run_pte(x))
 
-    return Predictor("executorch", str(path), str(meta["model"]), meta["classes"], meta["mean"], meta["std"],
-                     meta["image_size"], meta["resize"], torch.device("cpu"), False, run)
+    return exported_predictor("executorch", path, meta, run)
 
 
 # --- prediction --------------------------------------------------------------------------------

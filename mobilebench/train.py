@@ -93,6 +93,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
     args = model_args(cfg.model, data.num_classes)
     gen = torch.Generator().manual_seed(t.seed)  # same on every rank: ranks shard one permutation
     teacher = open_teacher(cfg, data, device) if cfg.distill.teacher else None
+    teacher_record = teacher.record if teacher else None  # for summary.json, checkpoints and the resume check
     train_loader = build_train_loader(cfg, data, device, gen, world,
                                       keep_full=teacher is not None and cfg.distill.teacher_input == "full")
     steps_per_epoch = min(len(train_loader), t.max_steps_per_epoch or len(train_loader))
@@ -106,13 +107,13 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         # Loaded to host memory: the RNG states must stay CPU byte tensors, and load_state_dict
         # moves weights and optimizer state to the parameters' device itself.
         blob = load_checkpoint(ckpt)
-        check_same_teacher(teacher.record if teacher else None, blob.get("teacher"), ckpt)
+        check_same_teacher(teacher_record, blob.get("teacher"), ckpt)
         state = restore(blob, ckpt, args, raw, parts, gen)
         files.truncate_metrics(state.epoch)
         log.info("resumed from %s at epoch %d step %d", ckpt, state.epoch, state.step)
 
     summary = start_summary(cfg, raw, data, device, precision, world, trainer.fast_paths)
-    summary["teacher"] = teacher.record if teacher else None
+    summary["teacher"] = teacher_record
     files.write_summary(summary)
     trackers = tracking.open_trackers(cfg.logger, run_dir, state.step if ckpt is not None else None, t.log_every,
                                       world.is_main)
@@ -140,7 +141,7 @@ def run_train(cfg: Config, cfg_dict: dict[str, Any], run_dir: Path, multirun: bo
         if not world.is_main:
             return
         payload = checkpoint_payload(cfg_dict, args, raw, parts, st, gen, data)
-        payload["teacher"] = teacher.record if teacher else None
+        payload["teacher"] = teacher_record
         save_checkpoint(payload, files.last)
         if is_best:
             save_checkpoint(payload, files.best)

@@ -8,12 +8,13 @@ import json
 import logging
 import os
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -135,6 +136,18 @@ def batches(split: Split, source: Source, batch_size: int) -> Iterator[tuple[tor
 def random_batch(source: Source, n: int, seed: int = 0) -> torch.Tensor:
     """Stand-in input for random-weight models: roughly what a normalised image looks like."""
     return torch.randn(n, 3, source.image_size, source.image_size, generator=torch.Generator().manual_seed(seed))
+
+
+def runner_accuracy(run: Callable[[torch.Tensor], np.ndarray], split: Split, source: Source,
+                    batch_size: int = 256) -> float:
+    """Top-1 of any logits function (an onnxruntime session, a .pte runner, an exported graph) on the
+    eval batches `torch_accuracy` scores."""
+    correct = total = 0
+    with torch.no_grad():
+        for x, y in batches(split, source, batch_size):
+            correct += int((np.asarray(run(x)).argmax(1) == y.numpy()).sum())
+            total += len(y)
+    return correct / max(total, 1)
 
 
 def torch_accuracy(model: nn.Module, split: Split, source: Source, batch_size: int = 256) -> float:

@@ -24,8 +24,10 @@ from mobilebench.deploy.common import (
     need_checkpoint,
     quiet,
     random_batch,
+    runner_accuracy,
     source_data,
     take,
+    torch_accuracy,
     write_report,
 )
 from mobilebench.deploy.onnx import Parity, batch_dim, export_onnx, onnx_runner, parity, source_metadata
@@ -34,8 +36,6 @@ from mobilebench.runtime import set_threads
 from mobilebench.validate import validate_export
 
 USAGE = "mobilebench export checkpoint=outputs/train/.../checkpoints/best.pt format=onnx"
-# int8 changes logits by design, so its check is top-1 agreement only, with a looser floor than fp32's
-# export.min_agreement (onnxruntime's int8 agrees on >= 99% of the test images, docs/deployment.md).
 
 
 def export_pt2(model: nn.Module, path: Path, image_size: int) -> Path:
@@ -170,26 +170,11 @@ def export_int8(source: Source, config: Config, run_dir: Path, inputs: list[tupl
     if source.blob is not None:  # labelled test images: accuracy of PyTorch, the fp32 and the int8 program
         data = source_data(source, config, use_checkpoint_data)
         test = take(data.test, config.quantize.test_images, seed=0)
-        accs = {name: _accuracy(run, test, source, config.export.batch_size)
-                for name, run in (("pytorch", _torch_logits(source.model)), ("fp32", fp32), ("int8", int8))}
-        report["accuracy"] = {"images": len(test), **accs}
+        bs = config.export.batch_size
+        accs = {"pytorch": torch_accuracy(source.model, test, source, bs),
+                **{name: runner_accuracy(run, test, source, bs) for name, run in (("fp32", fp32), ("int8", int8))}}
+        report["accuracy"] = {"images": len(test), **{name: round(acc, 4) for name, acc in accs.items()}}
     return report
-
-
-def _torch_logits(model: nn.Module) -> Callable[[torch.Tensor], np.ndarray]:
-    def run(x: torch.Tensor) -> np.ndarray:
-        with torch.inference_mode():
-            return model(x).float().numpy()
-
-    return run
-
-
-def _accuracy(run: Callable[[torch.Tensor], np.ndarray], split: Any, source: Source, batch_size: int) -> float:
-    correct = total = 0
-    for x, y in batches(split, source, batch_size):
-        correct += int((run(x).argmax(1) == y.numpy()).sum())
-        total += len(y)
-    return round(correct / max(total, 1), 4)
 
 
 def _version() -> str:

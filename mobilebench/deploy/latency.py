@@ -71,6 +71,9 @@ def build_runners(source: Source, config: Config, cfg: LatencyConfig, run_dir: P
     """One callable per backend taking a float NCHW batch, plus what was built for them."""
     runners: dict[str, Callable[[torch.Tensor], Any]] = {}
     built: dict[str, Any] = {}
+    # Both int8 backends calibrate on the same images: select (and decode) them once.
+    calibration = (calibration_arrays(source, config, QuantizeConfig(calib_size=cfg.calib_size), use_checkpoint_data)
+                   if {"onnx_int8", "executorch_int8"} & set(backends) else [])
     if "pytorch" in backends:
         model = source.model.eval()
 
@@ -88,16 +91,15 @@ def build_runners(source: Source, config: Config, cfg: LatencyConfig, run_dir: P
         if "onnx_int8" in backends:
             qcfg = QuantizeConfig(calib_size=cfg.calib_size)
             int8 = run_dir / "model.int8.onnx"
-            arrays = calibration_arrays(source, config, qcfg, use_checkpoint_data)
-            built["onnx_int8"] = {"file": str(int8), **quantize_static(fp32, int8, arrays, qcfg, source.name)}
+            built["onnx_int8"] = {"file": str(int8), **quantize_static(fp32, int8, calibration, qcfg, source.name)}
             s8 = ort_session(int8, threads)
             runners["onnx_int8"] = lambda x: ort_run(s8, x)
     if {"executorch_fp32", "executorch_int8"} & set(backends):
-        build_executorch(source, config, cfg, run_dir, threads, use_checkpoint_data, backends, runners, built)
+        build_executorch(source, cfg, run_dir, threads, calibration, backends, runners, built)
     return runners, built
 
 
-def build_executorch(source: Source, config: Config, cfg: LatencyConfig, run_dir: Path, threads: int, use_checkpoint_data: bool,
+def build_executorch(source: Source, cfg: LatencyConfig, run_dir: Path, threads: int, calibration: list[Any],
                      backends: list[str], runners: dict[str, Callable[[torch.Tensor], Any]], built: dict[str, Any]) -> None:
     """model.pte / model_int8.pte with a batch bound covering every timed batch size (so none is cut in pieces)."""
     from mobilebench.deploy import executorch as et
@@ -112,8 +114,7 @@ def build_executorch(source: Source, config: Config, cfg: LatencyConfig, run_dir
         built["executorch_fp32"] = {"file": str(out), **report}
         runners["executorch_fp32"] = et.pte_runner(out)
     if "executorch_int8" in backends:
-        arrays = calibration_arrays(source, config, QuantizeConfig(calib_size=cfg.calib_size), use_checkpoint_data)
-        program, seen = et.quantize_program(source.model, source.image_size, (torch.from_numpy(a) for a in arrays), bound)
+        program, seen = et.quantize_program(source.model, source.image_size, (torch.from_numpy(a) for a in calibration), bound)
         out = run_dir / "model_int8.pte"
         report = et.lower_to_pte(program, out, metadata)
         built["executorch_int8"] = {"file": str(out), "calib_images": seen, **report}

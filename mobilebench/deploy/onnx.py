@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from mobilebench.data import Split
-from mobilebench.deploy.common import INPUT_NAME, OUTPUT_NAME, Source, batches, quiet, require
+from mobilebench.deploy.common import INPUT_NAME, OUTPUT_NAME, Source, quiet, require, runner_accuracy
 from mobilebench.errors import UserError
 
 
@@ -152,12 +152,7 @@ def ort_run(session: Any, x: torch.Tensor | np.ndarray) -> np.ndarray:
 
 def ort_accuracy(session: Any, split: Split, source: Source, batch_size: int = 256) -> float:
     """Top-1 accuracy of an onnxruntime session on `split` (same batches as `torch_accuracy`)."""
-    correct = total = 0
-    for x, y in batches(split, source, batch_size):
-        pred = ort_run(session, x).argmax(1)
-        correct += int((pred == y.numpy()).sum())
-        total += len(y)
-    return correct / max(total, 1)
+    return runner_accuracy(lambda x: ort_run(session, x), split, source, batch_size)
 
 
 def onnx_runner(path: Path, threads: int) -> Callable[[torch.Tensor], np.ndarray]:

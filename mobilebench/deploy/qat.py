@@ -32,13 +32,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 import torch
 from torch import nn
 
 from mobilebench.config import AugmentConfig, OptimizerConfig, QuantizeConfig, SchedulerConfig
 from mobilebench.data import Split
-from mobilebench.deploy.common import Source, batches, quiet
+from mobilebench.deploy.common import Source, quiet, random_batch, runner_accuracy
 from mobilebench.deploy.executorch import MAX_BATCH, batch_shapes
 from mobilebench.deploy.executorch import example_input as pte_example
 from mobilebench.deploy.onnx import batch_dim
@@ -61,10 +60,6 @@ def qat_quantizer() -> Any:
     )
 
     return XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True, is_qat=True))
-
-
-def example_input(source: Source, n: int = 2) -> torch.Tensor:
-    return torch.randn(n, 3, source.image_size, source.image_size, generator=torch.Generator().manual_seed(0))
 
 
 # --- BatchNorm nodes of an exported graph -------------------------------------------------------
@@ -156,7 +151,7 @@ def prepare_qat(source: Source) -> torch.fx.GraphModule:
     model = copy.deepcopy(source.model).train()
     try:
         with quiet():
-            graph = torch.export.export(model, (example_input(source),), dynamic_shapes=(batch_dim(),)).module()
+            graph = torch.export.export(model, (random_batch(source, 2),), dynamic_shapes=(batch_dim(),)).module()
             prepared = prepare_qat_pt2e(graph, qat_quantizer())
     except Exception as err:  # export and the rewriter raise many types; the first line says what failed
         raise UserError(f"preparing {source.name} for QAT failed: {str(err).strip().splitlines()[0]}") from None
@@ -235,9 +230,10 @@ def finetune(gm: torch.fx.GraphModule, train: Split, source: Source, cfg: Quanti
             loss.backward()
             optimizer.step()
             scheduler.step()
-            if not math.isfinite(loss.item()):
-                raise UserError(f"QAT diverged at step {step} (loss {loss.item()}); lower quantize.qat_lr={cfg.qat_lr}")
-            loss_sum += loss.item() * len(y)
+            loss_value = loss.item()
+            if not math.isfinite(loss_value):
+                raise UserError(f"QAT diverged at step {step} (loss {loss_value}); lower quantize.qat_lr={cfg.qat_lr}")
+            loss_sum += loss_value * len(y)
             correct += int((logits.argmax(1) == y).sum())
             seen += len(y)
             step += 1
@@ -300,16 +296,6 @@ def inference_program(gm: torch.fx.GraphModule, source: Source) -> torch.export.
 def graph_accuracy(gm: nn.Module, split: Split, source: Source, batch_size: int) -> float:
     """Top-1 of an exported graph run in PyTorch (no .eval(): the graph is already in eval form)."""
     return runner_accuracy(lambda x: gm(x).detach().numpy(), split, source, batch_size)
-
-
-def runner_accuracy(run: Callable[[torch.Tensor], np.ndarray], split: Split, source: Source, batch_size: int) -> float:
-    """Top-1 of any logits function (a .pte runner, an onnxruntime session) on the eval batches."""
-    correct = total = 0
-    with torch.no_grad():
-        for x, y in batches(split, source, batch_size):
-            correct += int((np.asarray(run(x)).argmax(1) == y.numpy()).sum())
-            total += len(y)
-    return correct / max(total, 1)
 
 
 def export_onnx_qdq(program: torch.export.ExportedProgram, path: Path, metadata: dict[str, str] | None,

@@ -35,6 +35,7 @@ from mobilebench.deploy.common import (
     need_checkpoint,
     random_batch,
     require,
+    runner_accuracy,
     source_data,
     state_bytes,
     take,
@@ -152,8 +153,8 @@ def _run_qat(source: Source, config: Config, train: Any, test: Any, cfg: Quantiz
     onnx_path, onnx_report = qat.export_onnx_qdq(program, run_dir / "model_qat_int8.onnx", metadata, threads)
     acc = {"pytorch_fp32": torch_accuracy(source.model, test, source, cfg.eval_batch),
            "pytorch_qat_int8": qat.graph_accuracy(converted, test, source, cfg.eval_batch),
-           "executorch_ptq_int8": qat.runner_accuracy(pte_runner(ptq_pte, threads), test, source, cfg.eval_batch),
-           "executorch_qat_int8": qat.runner_accuracy(pte_runner(qat_pte, threads), test, source, cfg.eval_batch)}
+           "executorch_ptq_int8": runner_accuracy(pte_runner(ptq_pte, threads), test, source, cfg.eval_batch),
+           "executorch_qat_int8": runner_accuracy(pte_runner(qat_pte, threads), test, source, cfg.eval_batch)}
     if onnx_path is not None:
         acc["onnx_qat_int8"] = ort_accuracy(ort_session(onnx_path, threads), test, source, cfg.eval_batch)
     points = {key: round((acc["pytorch_fp32"] - acc[f"executorch_{key}_int8"]) * 100, 2) for key in ("ptq", "qat")}
