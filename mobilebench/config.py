@@ -238,6 +238,7 @@ class QuantizeConfig:
     qat_steps: Optional[int] = None  # cap on steps per QAT epoch (smoke tests)
     qat_freeze_observers: float = 0.5  # fraction of the QAT steps after which observers stop updating
     qat_freeze_bn: float = 0.75  # fraction of the QAT steps after which BatchNorm statistics are frozen
+    qat_distill: float = 1.0  # weight of KL(fp32 model || QAT model) in the fine-tune's loss; 0: labels only
 
 
 @dataclass

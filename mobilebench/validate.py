@@ -190,6 +190,8 @@ def validate_quantize(q: QuantizeConfig) -> None:
     for key in ("qat_freeze_observers", "qat_freeze_bn"):
         if not 0.0 <= getattr(q, key) <= 1.0:
             raise ConfigError(f"quantize.{key}={getattr(q, key)} must be a fraction of the QAT steps in [0, 1]")
+    if not 0.0 <= q.qat_distill <= 1.0:
+        raise ConfigError(f"quantize.qat_distill={q.qat_distill} must be a weight in [0, 1] (0: labels only)")
     _at_least("quantize.test_images", q.test_images, 1)
     _at_least("quantize.threads", q.threads, 1)
     if not q.latency_batches or min(q.latency_batches) < 1:

@@ -18,6 +18,7 @@ pytest.importorskip("executorch", reason="the `mobile` extra (executorch) is not
 
 from mobilebench.checkpoint import save_checkpoint  # noqa: E402
 from mobilebench.config import QuantizeConfig  # noqa: E402
+from mobilebench.data import Split  # noqa: E402
 from mobilebench.deploy import qat  # noqa: E402
 from mobilebench.deploy.common import batches, load_source, source_data, take  # noqa: E402
 from mobilebench.deploy.executorch import pte_runner, read_pte_metadata  # noqa: E402
@@ -71,7 +72,7 @@ def test_qat_writes_a_runnable_int8_pte_that_agrees_with_fp32(ckpts: dict[str, P
     assert set(saved["size_bytes"]) == {"fp32_state_dict", "ptq_int8", "qat_int8"}
     assert saved["size_bytes"]["qat_int8"] < saved["size_bytes"]["fp32_state_dict"] / 2  # int8 weights
     tune = saved["qat"]
-    assert tune["steps"] == 3 and tune["label_smoothing"] == 0.1 and tune["seconds"] > 0
+    assert tune["steps"] == 3 and tune["label_smoothing"] == 0.1 and tune["seconds"] > 0 and tune["distill_from_fp32"] == 1.0
     assert tune["observers_frozen_at_step"] == 2 and tune["bn_frozen_at_step"] == 2  # round(0.5 * 3), round(0.75 * 3)
     # Fully delegated to XNNPACK, every conv int8; the QAT program is no bigger than the PTQ one (no dead BN tensors).
     for kind in ("qat", "ptq"):
@@ -129,6 +130,28 @@ def test_observers_and_batchnorm_freeze_at_the_configured_steps(ckpts: dict[str,
     assert all(int(q.fake_quant_enabled[0]) == 1 for q in quantizers)  # still fake-quantizing
 
 
+def test_distilling_from_fp32_reads_no_label(ckpts: dict[str, Path]) -> None:
+    """qat_distill=1: the fp32 model's logits are the whole target, so wrong labels change nothing;
+    any label weight makes them count (a fine-tune that ignored the fp32 model would fail the first)."""
+    source = load_source(str(ckpts["v1"]))
+    train = take(source_data(source, qat_config(ckpts["v1"])).train, 96)
+    wrong = Split(train.x, (train.y + 1) % 10)
+
+    def tuned(split: Split, alpha: float) -> dict[str, torch.Tensor]:
+        torch.manual_seed(0)  # the same dropout masks in every fine-tune
+        gm = qat.prepare_qat(source)
+        qat.finetune(gm, split, source, QuantizeConfig(method="qat", qat_steps=2, qat_batch=32, qat_distill=alpha))
+        return {k: v.clone() for k, v in gm.state_dict().items()}
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[k], b[k]) for k in a)
+
+    right = tuned(train, 1.0)
+    assert same(right, tuned(wrong, 1.0))
+    assert not same(right, qat.prepare_qat(source).state_dict())  # it did train
+    assert not same(tuned(train, 0.5), tuned(wrong, 0.5))
+
+
 def test_schedule_rounds_fractions_and_lets_observers_see_one_step() -> None:
     plan = qat.schedule(QuantizeConfig(qat_epochs=2, qat_steps=5, qat_freeze_observers=0.0, qat_freeze_bn=1.0), 100)
     assert (plan.total, plan.observers_at, plan.bn_at) == (10, 1, 10)  # BN never freezes at 1.0
@@ -140,6 +163,8 @@ def test_qat_errors_are_one_line(ckpts: dict[str, Path], tmp_path: Path, monkeyp
         run_quantize(qat_config(None), tmp_path)
     with pytest.raises(UserError, match=r"qat_freeze_bn=1.5 must be a fraction"):
         run_quantize(_with(qat_config(ckpts["v1"]), qat_freeze_bn=1.5), tmp_path)
+    with pytest.raises(UserError, match=r"qat_distill=2.0 must be a weight in \[0, 1\]"):
+        run_quantize(_with(qat_config(ckpts["v1"]), qat_distill=2.0), tmp_path)
     monkeypatch.setitem(sys.modules, "executorch", None)  # as if the extra were not installed
     with pytest.raises(UserError, match=r"mobilebench\[mobile\]") as err:
         run_quantize(qat_config(ckpts["v1"]), tmp_path)

@@ -8,7 +8,10 @@ The flow (`mobilebench quantize method=qat`):
    per-channel weights) and every conv -> BatchNorm pair rewritten to the fused QAT pattern
    (the weight is scaled by gamma / running std before its fake-quantizer, so the int8 weight
    trained is the BN-folded one);
-3. a short SGD fine-tune on cropped + flipped training batches; after `qat_freeze_observers` of
+3. a short SGD fine-tune on cropped + flipped training batches, its target by default the fp32
+   model's own logits (`qat_distill`: the weight of KL(fp32 || QAT), the rest cross-entropy on the
+   labels), so the fine-tune learns to undo quantization error rather than to move the trained
+   network towards a new optimum at an lr it was never annealed to; after `qat_freeze_observers` of
    the steps the quantization ranges stop moving (`disable_observer` on every fake-quantizer),
    after `qat_freeze_bn` the BatchNorms normalise with, and stop updating, their running
    statistics (the `training` flag of each batch_norm node set to False, as PyTorch's PT2E QAT
@@ -41,6 +44,7 @@ from mobilebench.deploy.common import Source, quiet, random_batch, runner_accura
 from mobilebench.deploy.executorch import MAX_BATCH, batch_shapes
 from mobilebench.deploy.executorch import example_input as pte_example
 from mobilebench.deploy.onnx import batch_dim
+from mobilebench.distill import DistillationLoss, TeacherModel
 from mobilebench.errors import UserError
 from mobilebench.loader import TensorLoader
 from mobilebench.optim import build_optimizer, build_scheduler
@@ -210,7 +214,8 @@ def finetune(gm: torch.fx.GraphModule, train: Split, source: Source, cfg: Quanti
     optimizer = build_optimizer(opt_cfg, gm, cfg.qat_lr)
     scheduler = build_scheduler(SchedulerConfig(name="cosine", warmup_epochs=0.0), optimizer, cfg.qat_lr,
                                 plan.steps_per_epoch, plan.epochs)
-    loss_fn = nn.CrossEntropyLoss(label_smoothing=label_smoothing(source))
+    loss_fn = DistillationLoss(cfg.qat_distill, 1.0, label_smoothing(source))
+    teacher = TeacherModel(copy.deepcopy(source.model)) if cfg.qat_distill > 0 else None
     step, history, t0 = 0, [], time.perf_counter()
     for epoch in range(plan.epochs):
         loss_sum = correct = seen = 0.0
@@ -225,7 +230,7 @@ def finetune(gm: torch.fx.GraphModule, train: Split, source: Source, cfg: Quanti
             if on_step is not None:
                 on_step(step, gm)
             logits = gm(x)
-            loss = loss_fn(logits, y)
+            loss = loss_fn(logits, y, teacher(x) if teacher is not None else logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
@@ -243,6 +248,7 @@ def finetune(gm: torch.fx.GraphModule, train: Split, source: Source, cfg: Quanti
     return {"epochs": plan.epochs, "steps": step, "steps_per_epoch": plan.steps_per_epoch, "batch_size": cfg.qat_batch,
             "images": step * cfg.qat_batch, "lr": cfg.qat_lr, "schedule": "cosine, SGD Nesterov momentum 0.9",
             "weight_decay": WEIGHT_DECAY, "label_smoothing": label_smoothing(source), "augment": "crop + flip",
+            "distill_from_fp32": cfg.qat_distill,
             "observers_frozen_at_step": plan.observers_at if plan.observers_at < step else None,
             "bn_frozen_at_step": plan.bn_at if plan.bn_at < step else None,
             "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(step, 1), 3), "history": history}
