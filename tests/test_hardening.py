@@ -45,6 +45,11 @@ def start_train(run_dir: Path, *overrides: str) -> subprocess.Popen:
                             text=True, start_new_session=True)
 
 
+def stopped(pid: int) -> bool:
+    """The process is in the stopped state ('T' in /proc/PID/stat)."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] == "T"
+
+
 def metric_lines(run_dir: Path) -> int:
     path = run_dir / "metrics.jsonl"
     return len(path.read_text().splitlines()) if path.exists() else 0
@@ -61,6 +66,9 @@ def test_a_second_writer_into_a_busy_run_dir_stops_and_changes_nothing(tmp_path:
         wait_for(lambda: metric_lines(run_dir) >= 1 and (run_dir / "checkpoints" / "last.pt").exists(),
                  what="the first run's first epoch and its checkpoint")
         os.kill(first.pid, signal.SIGSTOP)  # hold it still, lock held, so its files stand still
+        # kill() returns before the stop lands; a write in flight (the next checkpoint's temp file)
+        # would otherwise still grow after the snapshot.
+        wait_for(lambda: stopped(first.pid), timeout=30, what="the first run to stop")
         before = snapshot(run_dir)
         for args in (["train", *SLOW_RUN, "trainer.resume=auto"],
                      ["prune", f"checkpoint={run_dir}", "method=l1_unstructured"]):
