@@ -1,7 +1,7 @@
 """ExecuTorch: `export format=executorch` (XNNPACK, fully delegated, parity in executorch.runtime),
 `export.int8=true` (PT2E int8 whose every conv runs in int8), `predict` on a `.pte` (class names and
-preprocessing read from the program), `bench latency` with the ExecuTorch backends, and one-line
-errors (extra missing, truncated or foreign `.pte`).
+preprocessing read from the program), and one-line errors (extra missing, truncated or foreign
+`.pte`); `bench latency` with the ExecuTorch backends is in test_executorch_models.py.
 
 Everything runs in the real runtime. Lowering is the slow part (tens of seconds per program on 2
 cores), so each program is built once per module: v3_small fp32 + int8 in one export here; a

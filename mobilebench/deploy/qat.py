@@ -214,8 +214,10 @@ def finetune(gm: torch.fx.GraphModule, train: Split, source: Source, cfg: Quanti
     optimizer = build_optimizer(opt_cfg, gm, cfg.qat_lr)
     scheduler = build_scheduler(SchedulerConfig(name="cosine", warmup_epochs=0.0), optimizer, cfg.qat_lr,
                                 plan.steps_per_epoch, plan.epochs)
-    loss_fn = DistillationLoss(cfg.qat_distill, 1.0, label_smoothing(source))
+    # The engine's convention: `loss_fn(logits, y)` without a teacher, `loss_fn(logits, y, teacher_logits)` with one.
     teacher = TeacherModel(copy.deepcopy(source.model)) if cfg.qat_distill > 0 else None
+    loss_fn = (DistillationLoss(cfg.qat_distill, 1.0, label_smoothing(source)) if teacher is not None
+               else nn.CrossEntropyLoss(label_smoothing=label_smoothing(source)))
     step, history, t0 = 0, [], time.perf_counter()
     for epoch in range(plan.epochs):
         loss_sum = correct = seen = 0.0
@@ -230,7 +232,7 @@ def finetune(gm: torch.fx.GraphModule, train: Split, source: Source, cfg: Quanti
             if on_step is not None:
                 on_step(step, gm)
             logits = gm(x)
-            loss = loss_fn(logits, y, teacher(x) if teacher is not None else logits)
+            loss = loss_fn(logits, y) if teacher is None else loss_fn(logits, y, teacher(x))
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
