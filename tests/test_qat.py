@@ -180,3 +180,53 @@ def _with(config: object, **quantize: object) -> object:
     for key, value in quantize.items():
         setattr(config.quantize, key, value)
     return config
+
+
+
+class ConvBN(torch.nn.Module):
+    """conv -> BatchNorm (MobileNetV3's eps 1e-3, running variances near it) -> ReLU -> conv."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        generator = torch.Generator().manual_seed(0)
+        self.conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+        self.bn = torch.nn.BatchNorm2d(8, eps=1e-3, momentum=0.01)
+        self.head = torch.nn.Conv2d(8, 4, 1)
+        var = torch.rand(8, generator=generator) * 2e-3 + 1e-4
+        self.bn.running_var.copy_(var)
+        with torch.no_grad():
+            self.conv.weight.mul_(var.sqrt().view(-1, 1, 1, 1) / self.conv.weight.abs().amax())  # outputs O(1)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(torch.relu(self.bn(self.conv(x))))
+
+
+def test_the_int8_graph_computes_what_was_fake_quantized(monkeypatch: pytest.MonkeyPatch) -> None:
+    """convert_pt2e folds each conv-BN pair with eps=1e-5; V3's is 1e-3. The converted int8 graph must
+    compute what the fake-quantized graph it came from computed (without the eps fix it is far off)."""
+    from types import SimpleNamespace
+
+    from torchao.quantization.pt2e import move_exported_model_to_eval
+    from torchao.quantization.pt2e.quantize_pt2e import prepare_qat_pt2e
+
+    model = ConvBN()
+    x = torch.randn(16, 3, 8, 8, generator=torch.Generator().manual_seed(1))
+    source = SimpleNamespace(model=model)
+
+    def relative_error() -> float:
+        graph = torch.export.export(copy.deepcopy(model).train(), (x,)).module()
+        gm = prepare_qat_pt2e(graph, qat.qat_quantizer())
+        qat.restore_bn_literals(gm, qat.bn_literals(model))
+        qat.freeze_bn_stats(gm)
+        with torch.no_grad():
+            gm(x)  # the observers see the batch, then hold still
+            qat.freeze_observers(gm)
+            move_exported_model_to_eval(gm)
+            qat.restore_bn_literals(gm, qat.bn_literals(model))
+            fake = gm(x)
+            real = qat.convert_qat(gm, source)(x)  # type: ignore[arg-type]
+        return float((real - fake).abs().max() / fake.abs().max())
+
+    assert relative_error() < 0.05  # int8 rounding of one function (measured 0.015)
+    monkeypatch.setattr(qat, "fold_with_model_eps", lambda gm, literals: [])
+    assert relative_error() > 0.15  # folded with torchao's eps: another function (measured 0.29)

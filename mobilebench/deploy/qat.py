@@ -22,7 +22,9 @@ The flow (`mobilebench quantize method=qat`):
 The QAT rewrite and `move_exported_model_to_eval` replace BatchNorm's eps and momentum with
 torch's defaults (torchao TODO: "allow setting eps"); MobileNetV3 uses eps=1e-3, momentum=0.01,
 so `restore_bn_literals` puts the model's own values back (eps also in the fused pattern's
-`sqrt(running_var + eps)`), or the folded int8 weights would differ from the trained network's.
+`sqrt(running_var + eps)`). convert_pt2e then folds each conv-BN pair with its own fixed eps=1e-5,
+so `fold_with_model_eps` shifts the running variances to make that fold the model's. Without either,
+the folded int8 weights would differ from the trained network's.
 """
 
 from __future__ import annotations
@@ -52,6 +54,7 @@ from mobilebench.optim import build_optimizer, build_scheduler
 WEIGHT_DECAY = 5e-5  # as prune's fine-tune: a short tune at a small lr barely needs any
 BN_OPS = ("aten.batch_norm.default", "aten._native_batch_norm_legit.default",
           "aten._native_batch_norm_legit_no_training.default", "aten.cudnn_batch_norm.default")
+TORCHAO_FOLD_EPS = 1e-5  # the eps of the BatchNorm that convert_pt2e folds into each QAT conv
 TRAINING_ARG = 5  # batch_norm(input, weight, bias, running_mean, running_var, training, momentum, eps, ...)
 
 
@@ -256,6 +259,26 @@ def finetune(gm: torch.fx.GraphModule, train: Split, source: Source, cfg: Quanti
             "seconds": round(seconds, 1), "seconds_per_step": round(seconds / max(step, 1), 3), "history": history}
 
 
+def fold_with_model_eps(gm: torch.fx.GraphModule, literals: dict[str, tuple[float | None, float]]) -> list[str]:
+    """Make convert_pt2e fold each conv-BN pair with the model's own eps; returns the shifted buffers.
+
+    convert_pt2e swaps the QAT conv-BN pattern for a replacement BatchNorm with eps fixed at 1e-5
+    (torchao's "TODO: allow setting eps") and folds that into the conv, so for MobileNetV3 (eps 1e-3)
+    the int8 weights would be a different function from the one fine-tuned, and larger than the
+    weight scales fitted to it. Adding (eps - 1e-5) to each running_var makes sqrt(var' + 1e-5)
+    equal sqrt(var + eps): the fold is exact. Only for the fold: call it right before convert_pt2e."""
+    shifted = []
+    for node in bn_nodes(gm):
+        name = _buffer_name(node).replace("_", ".")
+        found = next((v for k, v in literals.items() if k.replace("_", ".") == name), None)
+        running_var = node.args[4]
+        if found is None or not isinstance(running_var, torch.fx.Node) or found[1] == TORCHAO_FOLD_EPS:
+            continue
+        _attr(gm, str(running_var.target)).data.add_(found[1] - TORCHAO_FOLD_EPS)
+        shifted.append(str(running_var.target))
+    return shifted
+
+
 def convert_qat(gm: torch.fx.GraphModule, source: Source) -> torch.fx.GraphModule:
     """Eval mode (BatchNorm on running statistics, dropout off), then the int8 graph with BN folded."""
     from torchao.quantization.pt2e import move_exported_model_to_eval
@@ -264,8 +287,15 @@ def convert_qat(gm: torch.fx.GraphModule, source: Source) -> torch.fx.GraphModul
     with quiet():
         move_exported_model_to_eval(gm)
         freeze_bn_stats(gm)  # no-op after the line above; makes the eval BatchNorms explicit
-        restore_bn_literals(gm, bn_literals(source.model))  # the eval rewrite reset eps to 1e-5
-        return convert_pt2e(gm)
+        literals = bn_literals(source.model)
+        restore_bn_literals(gm, literals)  # the eval rewrite reset eps to 1e-5
+        shifted = fold_with_model_eps(gm, literals)
+        converted = convert_pt2e(gm)
+    left = {str(n.args[4].target) for n in bn_nodes(converted) if isinstance(n.args[4], torch.fx.Node)}
+    if left & set(shifted):  # a BatchNorm convert did not fold would now normalise with a shifted variance
+        raise UserError(f"QAT convert left {len(left & set(shifted))} BatchNorm(s) unfolded; "
+                        "this model is not supported by method=qat (use method=static)")
+    return converted
 
 
 def drop_unused_tensors(gm: torch.fx.GraphModule) -> int:
