@@ -182,7 +182,6 @@ def _with(config: object, **quantize: object) -> object:
     return config
 
 
-
 class ConvBN(torch.nn.Module):
     """conv -> BatchNorm (MobileNetV3's eps 1e-3, running variances near it) -> ReLU -> conv."""
 

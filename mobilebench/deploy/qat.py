@@ -87,13 +87,18 @@ def _buffer_name(node: torch.fx.Node) -> str:
     return str(arg.target) if isinstance(arg, torch.fx.Node) and arg.op == "get_attr" else ""
 
 
+def _literals_of(node: torch.fx.Node, literals: dict[str, tuple[float | None, float]]) -> tuple[float | None, float] | None:
+    """The eager BatchNorm's (momentum, eps) for a batch_norm node, matched by its running_mean buffer."""
+    name = _buffer_name(node).replace("_", ".")  # get_attr targets may be flattened
+    return next((v for k, v in literals.items() if k.replace("_", ".") == name), None)
+
+
 def restore_bn_literals(gm: torch.fx.GraphModule, literals: dict[str, tuple[float | None, float]]) -> int:
     """Give each batch_norm node (and the fused pattern's `running_var + eps`) the model's own
     momentum and eps; returns how many BatchNorms were matched."""
     matched = 0
     for node in bn_nodes(gm):
-        name = _buffer_name(node).replace("_", ".")  # get_attr targets may be flattened
-        found = next((v for k, v in literals.items() if k.replace("_", ".") == name), None)
+        found = _literals_of(node, literals)
         if found is None:
             continue
         momentum, eps = found
@@ -269,8 +274,7 @@ def fold_with_model_eps(gm: torch.fx.GraphModule, literals: dict[str, tuple[floa
     equal sqrt(var + eps): the fold is exact. Only for the fold: call it right before convert_pt2e."""
     shifted = []
     for node in bn_nodes(gm):
-        name = _buffer_name(node).replace("_", ".")
-        found = next((v for k, v in literals.items() if k.replace("_", ".") == name), None)
+        found = _literals_of(node, literals)
         running_var = node.args[4]
         if found is None or not isinstance(running_var, torch.fx.Node) or found[1] == TORCHAO_FOLD_EPS:
             continue
@@ -291,9 +295,10 @@ def convert_qat(gm: torch.fx.GraphModule, source: Source) -> torch.fx.GraphModul
         restore_bn_literals(gm, literals)  # the eval rewrite reset eps to 1e-5
         shifted = fold_with_model_eps(gm, literals)
         converted = convert_pt2e(gm)
-    left = {str(n.args[4].target) for n in bn_nodes(converted) if isinstance(n.args[4], torch.fx.Node)}
-    if left & set(shifted):  # a BatchNorm convert did not fold would now normalise with a shifted variance
-        raise UserError(f"QAT convert left {len(left & set(shifted))} BatchNorm(s) unfolded; "
+    # A BatchNorm convert did not fold would now normalise with a shifted variance.
+    unfolded = {str(n.args[4].target) for n in bn_nodes(converted) if isinstance(n.args[4], torch.fx.Node)} & set(shifted)
+    if unfolded:
+        raise UserError(f"QAT convert left {len(unfolded)} BatchNorm(s) unfolded; "
                         "this model is not supported by method=qat (use method=static)")
     return converted
 
