@@ -35,6 +35,7 @@ EXPORT_FORMATS = ("onnx", "pt2", "executorch")
 EXPORTERS = ("dynamo", "torchscript")
 QUANTIZE_METHODS = ("static", "dynamic", "qat")
 CALIBRATION_METHODS = ("minmax", "entropy", "percentile")
+QAT_RANGES = ("histogram", "moving")
 # Node groups a user can keep in float with quantize.exclude (deploy/int8.py finds them in the graph).
 QUANTIZE_GROUPS = ("stem", "depthwise", "se", "hardswish", "head")
 PRUNE_METHODS = ("l1_unstructured", "channel")
@@ -239,6 +240,9 @@ class QuantizeConfig:
     qat_freeze_observers: float = 0.5  # fraction of the QAT steps after which observers stop updating
     qat_freeze_bn: float = 0.75  # fraction of the QAT steps after which BatchNorm statistics are frozen
     qat_distill: float = 1.0  # weight of KL(fp32 model || QAT model) in the fine-tune's loss; 0: labels only
+    # Activation ranges: histogram = fitted on calib_size images as PTQ does, then fixed (deploy/qat_ranges.py);
+    # moving = torchao's moving-average min/max over the fine-tune's batches.
+    qat_ranges: str = "histogram"
 
 
 @dataclass

@@ -24,6 +24,7 @@ from mobilebench.config import (
     POLICIES,
     PRECISIONS,
     PRUNE_METHODS,
+    QAT_RANGES,
     QUANTIZE_GROUPS,
     QUANTIZE_METHODS,
     SCHEDULERS,
@@ -176,6 +177,7 @@ def validate_quantize(q: QuantizeConfig) -> None:
     _choice("quantize.method", q.method, QUANTIZE_METHODS)
     _choice("quantize.calib_method", q.calib_method, CALIBRATION_METHODS)
     _choice("quantize.exporter", q.exporter, EXPORTERS)
+    _choice("quantize.qat_ranges", q.qat_ranges, QAT_RANGES)
     bad = [g for g in q.exclude or [] if g not in QUANTIZE_GROUPS]
     if bad:
         raise ConfigError(f"quantize.exclude has unknown group(s) {', '.join(bad)}; choose from: {', '.join(QUANTIZE_GROUPS)}")

@@ -23,6 +23,7 @@ from mobilebench.data import Split  # noqa: E402
 from mobilebench.deploy import qat  # noqa: E402
 from mobilebench.deploy.common import batches, load_source, source_data, take  # noqa: E402
 from mobilebench.deploy.executorch import pte_runner, read_pte_metadata  # noqa: E402
+from mobilebench.deploy.qat_ranges import activation_quantizers, calibrate_activation_ranges  # noqa: E402
 from mobilebench.deploy.quantize import run_quantize  # noqa: E402
 from mobilebench.errors import UserError  # noqa: E402
 from mobilebench.models import build_model  # noqa: E402
@@ -75,6 +76,7 @@ def test_qat_writes_a_runnable_int8_pte_that_agrees_with_fp32(ckpts: dict[str, P
     tune = saved["qat"]
     assert tune["steps"] == 3 and tune["label_smoothing"] == 0.1 and tune["seconds"] > 0 and tune["distill_from_fp32"] == 1.0
     assert tune["observers_frozen_at_step"] == 2 and tune["bn_frozen_at_step"] == 2  # round(0.5 * 3), round(0.75 * 3)
+    assert tune["activation_ranges"] == "histogram" and tune["activation_quantizers_calibrated"] > 10
     # Fully delegated to XNNPACK, every conv int8; the QAT program is no bigger than the PTQ one (no dead BN tensors).
     for kind in ("qat", "ptq"):
         assert saved["delegation"][kind]["non_delegated_nodes"] == 0, saved["delegation"][kind]
@@ -131,6 +133,44 @@ def test_observers_and_batchnorm_freeze_at_the_configured_steps(ckpts: dict[str,
     assert all(int(q.fake_quant_enabled[0]) == 1 for q in quantizers)  # still fake-quantizing
 
 
+def test_histogram_ranges_start_activations_where_ptq_would_and_hold_them(ckpts: dict[str, Path]) -> None:
+    """qat_ranges=histogram: each activation range is fitted on the calibration images, convert reads that
+    same range, and the fine-tune leaves it fixed while the weight quantizers still observe."""
+    source = load_source(str(ckpts["v3_small"]))
+    data = source_data(source, qat_config(ckpts["v3_small"]))
+    calib = [x.numpy() for x, _ in batches(take(data.train, 64, seed=0), source, 32)]
+    gm = qat.prepare_qat(source)
+    acts = activation_quantizers(gm)
+    weights = [q for q in qat.fake_quantizers(gm) if q not in acts]
+    inputs: dict[int, list[torch.Tensor]] = {}
+    hooks = [q.register_forward_pre_hook(lambda m, a: inputs.setdefault(id(m), []).append(a[0].detach())) for q in acts]
+    assert calibrate_activation_ranges(gm, source.model, calib) == len(acts) > 10
+    for hook in hooks:
+        hook.remove()
+    from torchao.quantization.pt2e import MinMaxObserver
+
+    for q in acts:
+        scale, zero_point = q.calculate_qparams()  # what convert_pt2e will use
+        assert torch.allclose(scale, q.scale, rtol=1e-6, atol=0) and torch.equal(zero_point.int(), q.zero_point.int())
+        seen = torch.cat([t.flatten() for t in inputs[id(q)]])
+        minmax = MinMaxObserver(dtype=q.dtype, qscheme=q.qscheme, quant_min=q.quant_min, quant_max=q.quant_max,
+                                eps=float(q.activation_post_process.eps))
+        minmax(seen)
+        # Fitted to this activation: at most its min..max range (the histogram only trims tails), and
+        # what it trims costs less than one quantization step on average.
+        assert q.scale <= minmax.calculate_qparams()[0] * (1 + 1e-6)
+        lo, hi = (q.quant_min - q.zero_point) * q.scale, (q.quant_max - q.zero_point) * q.scale
+        assert float((seen - seen.clamp(float(lo), float(hi))).abs().mean()) < float(q.scale)
+    # Back in train mode for the fine-tune, the model's BatchNorm literals in place.
+    assert not qat.bn_frozen(gm) and {float(n.args[7]) for n in qat.bn_nodes(gm)} == {1e-3}
+    before = [q.scale.clone() for q in acts], [q.scale.clone() for q in weights]
+    cfg = QuantizeConfig(method="qat", qat_steps=2, qat_batch=32, qat_freeze_observers=1.0, qat_freeze_bn=1.0)
+    qat.finetune(gm, take(data.train, 64), source, cfg)
+    assert all(torch.equal(b, q.scale) for b, q in zip(before[0], acts))
+    assert sum(not torch.equal(b, q.scale) for b, q in zip(before[1], weights)) > len(weights) / 2
+    assert all(int(q.fake_quant_enabled[0]) == 1 for q in qat.fake_quantizers(gm))
+
+
 def test_distilling_from_fp32_reads_no_label(ckpts: dict[str, Path]) -> None:
     """qat_distill=1: the fp32 model's logits are the whole target, so wrong labels change nothing;
     any label weight makes them count (a fine-tune that ignored the fp32 model would fail the first)."""
@@ -169,6 +209,8 @@ def test_qat_errors_are_one_line(ckpts: dict[str, Path], tmp_path: Path, monkeyp
         run_quantize(_with(qat_config(ckpts["v1"]), qat_freeze_bn=1.5), tmp_path)
     with pytest.raises(UserError, match=r"qat_distill=2.0 must be a weight in \[0, 1\]"):
         run_quantize(_with(qat_config(ckpts["v1"]), qat_distill=2.0), tmp_path)
+    with pytest.raises(UserError, match=r"quantize.qat_ranges.*histogram, moving"):
+        run_quantize(_with(qat_config(ckpts["v1"]), qat_ranges="ema"), tmp_path)
     monkeypatch.setitem(sys.modules, "executorch", None)  # as if the extra were not installed
     with pytest.raises(UserError, match=r"mobilebench\[mobile\]") as err:
         run_quantize(qat_config(ckpts["v1"]), tmp_path)

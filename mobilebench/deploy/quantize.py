@@ -53,6 +53,7 @@ from mobilebench.deploy.onnx import (
     parity,
     source_metadata,
 )
+from mobilebench.deploy.qat_ranges import calibrate_activation_ranges
 from mobilebench.deploy.timing import summarize, time_interleaved
 from mobilebench.errors import UserError
 from mobilebench.machine import machine_note
@@ -139,15 +140,16 @@ def _run_static(source: Source, config: Config, test: Any, cfg: QuantizeConfig, 
 def _run_qat(source: Source, config: Config, train: Any, test: Any, cfg: QuantizeConfig, run_dir: Path, threads: int,
              use_checkpoint_data: bool) -> dict[str, Any]:
     metadata = source_metadata(source)
+    arrays = calibration_arrays(source, config, cfg, use_checkpoint_data)
     t0 = time.perf_counter()
     prepared = qat.prepare_qat(source)
+    calibrated = calibrate_activation_ranges(prepared, source.model, arrays) if cfg.qat_ranges == "histogram" else 0
     tune = qat.finetune(prepared, train, source, cfg)
     converted = qat.convert_qat(prepared, source)
     qat_s = time.perf_counter() - t0
     program = qat.inference_program(converted, source)
     qat_pte, ptq_pte = run_dir / "model_qat_int8.pte", run_dir / "model_ptq_int8.pte"
     delegation = {"qat": lower_to_pte(program, qat_pte, metadata)}
-    arrays = calibration_arrays(source, config, cfg, use_checkpoint_data)
     ptq, calib_images = quantize_program(source.model, source.image_size, arrays)  # as export format=executorch int8=true
     delegation["ptq"] = lower_to_pte(ptq, ptq_pte, metadata)
     onnx_path, onnx_report = qat.export_onnx_qdq(program, run_dir / "model_qat_int8.onnx", metadata, threads)
@@ -165,7 +167,8 @@ def _run_qat(source: Source, config: Config, train: Any, test: Any, cfg: Quantiz
                                       "PTQ: the same with is_qat=False",
                          "weights": "int8, per-channel, BatchNorm folded", "activations": "int8, per-tensor",
                          "calib_images": calib_images},
-        "qat": {**tune, "prepare_train_convert_seconds": round(qat_s, 1)},
+        "qat": {**tune, "activation_ranges": cfg.qat_ranges, "activation_quantizers_calibrated": calibrated,
+                "prepare_train_convert_seconds": round(qat_s, 1)},
         "accuracy": {**acc, "drop_points": points["qat"], "ptq_drop_points": points["ptq"],
                      "qat_gain_points": round(points["ptq"] - points["qat"], 2)},
         "size_bytes": {"fp32_state_dict": state_bytes(source.model), "ptq_int8": file_bytes(ptq_pte),
