@@ -117,6 +117,16 @@ def restore_bn_literals(gm: torch.fx.GraphModule, literals: dict[str, tuple[floa
     return matched
 
 
+def switch_mode(gm: torch.fx.GraphModule, literals: dict[str, tuple[float | None, float]], train: bool) -> None:
+    """torchao's train/eval switch of an exported graph (BatchNorm, dropout), then the model's own
+    BatchNorm momentum and eps back: the switch resets them to torch's defaults."""
+    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
+
+    with quiet():
+        (move_exported_model_to_train if train else move_exported_model_to_eval)(gm)
+    restore_bn_literals(gm, literals)
+
+
 def freeze_bn_stats(gm: torch.fx.GraphModule) -> None:
     """From now on every BatchNorm normalises with its running statistics and no longer updates them."""
     for node in bn_nodes(gm):
@@ -285,15 +295,13 @@ def fold_with_model_eps(gm: torch.fx.GraphModule, literals: dict[str, tuple[floa
 
 def convert_qat(gm: torch.fx.GraphModule, source: Source) -> torch.fx.GraphModule:
     """Eval mode (BatchNorm on running statistics, dropout off), then the int8 graph with BN folded."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e
 
+    literals = bn_literals(source.model)
+    switch_mode(gm, literals, train=False)
+    freeze_bn_stats(gm)  # no-op after the line above; makes the eval BatchNorms explicit
+    shifted = fold_with_model_eps(gm, literals)
     with quiet():
-        move_exported_model_to_eval(gm)
-        freeze_bn_stats(gm)  # no-op after the line above; makes the eval BatchNorms explicit
-        literals = bn_literals(source.model)
-        restore_bn_literals(gm, literals)  # the eval rewrite reset eps to 1e-5
-        shifted = fold_with_model_eps(gm, literals)
         converted = convert_pt2e(gm)
     # A BatchNorm convert did not fold would now normalise with a shifted variance.
     unfolded = {str(n.args[4].target) for n in bn_nodes(converted) if isinstance(n.args[4], torch.fx.Node)} & set(shifted)

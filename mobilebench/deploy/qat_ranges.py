@@ -19,8 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from mobilebench.deploy.common import quiet
-from mobilebench.deploy.qat import bn_literals, fake_quantizers, restore_bn_literals
+from mobilebench.deploy.qat import bn_literals, fake_quantizers, switch_mode
 
 PER_CHANNEL = (torch.per_channel_symmetric, torch.per_channel_affine)
 
@@ -45,25 +44,20 @@ def _set_range(fq: nn.Module, scale: torch.Tensor, zero_point: torch.Tensor) -> 
     # The observer's min/max are what a later calculate_qparams (convert) reads: the same range.
     inner.min_val = ((inner.quant_min - zero_point) * scale).float().reshape(inner.min_val.shape)
     inner.max_val = ((inner.quant_max - zero_point) * scale).float().reshape(inner.max_val.shape)
-    fq.disable_observer()
 
 
 def calibrate_activation_ranges(gm: torch.fx.GraphModule, model: nn.Module, arrays: Iterable[np.ndarray]) -> int:
     """Fit every activation fake-quantizer's range on `arrays` as PTQ does; returns how many were set.
 
-    Leaves the graph in train mode with fake-quantization on, ready for the fine-tune."""
-    from torchao.quantization.pt2e import move_exported_model_to_eval, move_exported_model_to_train
-
+    Leaves the graph in train mode with fake-quantization on, the activation observers off (their
+    ranges fixed), ready for the fine-tune."""
     quantizers = fake_quantizers(gm)
-    acts = activation_quantizers(gm)
-    fitted = {id(fq): _histogram_like(fq) for fq in acts}
+    fitted = {id(fq): _histogram_like(fq) for fq in activation_quantizers(gm)}
     hooks = [fq.register_forward_pre_hook(lambda _m, args, obs=fitted[id(fq)]: obs(args[0].detach()))
-             for fq in acts]
+             for fq in quantizers if id(fq) in fitted]
     literals = bn_literals(model)
     try:
-        with quiet():
-            move_exported_model_to_eval(gm)
-        restore_bn_literals(gm, literals)
+        switch_mode(gm, literals, train=False)
         for fq in quantizers:
             fq.disable_fake_quant()
             fq.disable_observer()
@@ -73,13 +67,11 @@ def calibrate_activation_ranges(gm: torch.fx.GraphModule, model: nn.Module, arra
     finally:
         for hook in hooks:
             hook.remove()
-    for fq in acts:
-        _set_range(fq, *fitted[id(fq)].calculate_qparams())
     for fq in quantizers:
+        if id(fq) in fitted:
+            _set_range(fq, *fitted[id(fq)].calculate_qparams())
+        else:
+            fq.enable_observer()  # weights keep observing until qat_freeze_observers
         fq.enable_fake_quant()
-        if fq not in acts:
-            fq.enable_observer()
-    with quiet():
-        move_exported_model_to_train(gm)
-    restore_bn_literals(gm, literals)
-    return len(acts)
+    switch_mode(gm, literals, train=True)
+    return len(fitted)
